@@ -1,0 +1,1 @@
+"""Trident engine: model loading, paged KV cache, scheduler, model runner, sampling."""
