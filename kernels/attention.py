@@ -1,0 +1,114 @@
+"""Attention over a paged KV cache for a ragged batch of sequences.
+
+A step packs the new tokens of S sequences into one [T, ...] batch. Each sequence's new tokens
+attend causally to every key of that sequence already in the cache plus their own chunk, so the
+same op serves prefill, chunked prefill and decode. K/V live in one tensor per layer,
+[num_slots, num_kv_heads, head_dim] with num_slots = num_blocks * block_size; a sequence finds its
+keys through a block table.
+
+Causality compares original positions (`key_positions` <= query position), never indices, so a
+length-pruning policy can later keep an arbitrary subset of slots without renumbering.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step inputs shared by every layer. Built once by the model runner."""
+
+    slot_mapping: torch.Tensor      # [T] int64: cache slot that receives each new token's K/V
+    query_positions: torch.Tensor   # [T] int64: original position of each new token
+    query_start_loc: list[int]      # [S + 1]: new tokens of sequence s are rows [loc[s], loc[s+1])
+    key_slots: torch.Tensor         # [S, L] int64: cache slots of each sequence's keys, padded with 0
+    key_positions: torch.Tensor     # [S, L] int64: original positions of those keys, -1 for padding
+    is_decode: bool                 # every sequence has exactly one new token
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_start_loc) - 1
+
+    @staticmethod
+    def build(block_tables: list[list[int]], seq_lens: list[int], new_counts: list[int],
+              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Metadata for S sequences holding `seq_lens[s]` tokens at positions 0..len-1 (the last
+        `new_counts[s]` of them new in this step), stored through their block tables."""
+        num_seqs, max_len = len(seq_lens), max(seq_lens)
+        max_blocks = max(len(bt) for bt in block_tables)
+        table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+        for s, bt in enumerate(block_tables):
+            table[s, :len(bt)] = torch.tensor(bt, dtype=torch.long)
+        offsets = torch.arange(block_size)
+        key_slots = (table[:, :, None] * block_size + offsets).reshape(num_seqs, -1)[:, :max_len]
+        key_positions = torch.arange(max_len).expand(num_seqs, max_len).clone()
+        lens = torch.tensor(seq_lens)
+        key_positions[key_positions >= lens[:, None]] = -1
+        key_slots = key_slots.masked_fill(key_positions < 0, 0)
+        query_positions = torch.cat([torch.arange(n - k, n) for n, k in zip(seq_lens, new_counts)])
+        seq_index = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(new_counts))
+        loc = [0]
+        for k in new_counts:
+            loc.append(loc[-1] + k)
+        return AttentionMetadata(
+            slot_mapping=key_slots[seq_index, query_positions].to(device),
+            query_positions=query_positions.to(device),
+            query_start_loc=loc,
+            key_slots=key_slots.to(device),
+            key_positions=key_positions.to(device),
+            is_decode=all(k == 1 for k in new_counts),
+        )
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V ([T, num_kv_heads, head_dim]) into their cache slots."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Torch twin. q: [T, Hq, D]; caches: [num_slots, Hkv, D]; returns [T, Hq, D].
+
+    out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, h // G]) V[j, h // G] over the keys j of
+    t's sequence with key_position[j] <= query_position[t], where G = Hq / Hkv.
+    """
+    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+    gqa = num_q_heads != num_kv_heads
+    if meta.is_decode:
+        # One query per sequence: gather the padded keys of all sequences and run one batched call.
+        keys = k_cache[meta.key_slots].transpose(1, 2)           # [S, Hkv, L, D]
+        values = v_cache[meta.key_slots].transpose(1, 2)
+        mask = (meta.key_positions >= 0)[:, None, None, :]      # [S, 1, 1, L]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
+                                             scale=scale, enable_gqa=gqa)
+        return out.squeeze(2)                                   # [S, Hq, D]
+    out = torch.empty_like(q)
+    for s in range(meta.num_seqs):
+        lo, hi = meta.query_start_loc[s], meta.query_start_loc[s + 1]
+        num_keys = int((meta.key_positions[s] >= 0).sum())
+        slots = meta.key_slots[s, :num_keys]
+        keys = k_cache[slots].transpose(0, 1)                  # [Hkv, L, D]
+        values = v_cache[slots].transpose(0, 1)
+        mask = meta.key_positions[s, None, :num_keys] <= meta.query_positions[lo:hi, None]  # [n, L]
+        out[lo:hi] = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+        ).transpose(0, 1)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Checked entry point used by the model; see `paged_attention_ref` for the math."""
+    if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[1] or q.shape[2] != k_cache.shape[2]:
+        raise ValueError(f"query heads {q.shape[1]} / head_dim {q.shape[2]} do not fit KV heads "
+                         f"{k_cache.shape[1]} / head_dim {k_cache.shape[2]}")
+    if q.shape[0] != meta.query_start_loc[-1]:
+        raise ValueError(f"q has {q.shape[0]} rows, metadata describes {meta.query_start_loc[-1]} tokens")
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
