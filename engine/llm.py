@@ -1,0 +1,36 @@
+"""Offline (in-process) use of the engine: `LLM(EngineConfig(model=...)).generate(prompts, params)`."""
+from __future__ import annotations
+
+import itertools
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+        """Run all prompts to completion (continuously batched); outputs in prompt order."""
+        order = []
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, ids, params)
+            order.append(request_id)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r] for r in order]
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Log-probability of each token after the first given its prefix (for perplexity)."""
+        out = self.generate([token_ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+        return [lp[t] for t, lp in zip(token_ids[1:], out.prompt_logprobs[1:])]

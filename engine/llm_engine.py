@@ -1,0 +1,209 @@
+"""The synchronous engine: requests in, one scheduled step at a time, RequestOutputs out."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.loader import load_checkpoint
+from engine.model import LlamaModel, Rotary
+from engine.model_runner import ModelRunner, RunnerOutput
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        started = time.perf_counter()
+        torch.manual_seed(config.seed)
+        ckpt = load_checkpoint(config.model)
+        self.model_config = ckpt.config
+        self.model_name = ckpt.name
+        self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config.eos_token_ids)
+        self.device = torch.device(config.device)
+        dtype = DTYPES[config.dtype]
+        self.max_model_len = min(config.scheduler.max_model_len, ckpt.config.max_position_embeddings)
+        self.model = self._build_model(ckpt.state_dict, dtype)
+        kv_caches, num_blocks = self._allocate_kv_cache(dtype)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.load_time = time.perf_counter() - started
+        log.info("loaded %s (%s, %d layers) in %.2fs; KV cache %d blocks x %d tokens",
+                 self.model_name, config.dtype, ckpt.config.num_layers, self.load_time, num_blocks,
+                 config.cache.block_size)
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_model(self, state_dict, dtype) -> LlamaModel:
+        # Build on the meta device (no random init), then materialize and fill from the checkpoint.
+        with torch.device("meta"):
+            model = LlamaModel(self.model_config, self.max_model_len)
+        model = model.to_empty(device=self.device).to(dtype)
+        model.rotary = Rotary(self.model_config, self.max_model_len).to(self.device)
+        model.load_hf_state_dict(state_dict)
+        return model.eval()
+
+    def _allocate_kv_cache(self, dtype):
+        cfg, cache = self.model_config, self.config.cache
+        heads = [layer.self_attn.num_kv_heads for layer in self.model.layers]
+        bytes_per_slot = 2 * sum(heads) * cfg.head_dim * torch.finfo(dtype).bits // 8
+        num_blocks = cache.num_blocks or cache.kv_cache_memory // (bytes_per_slot * cache.block_size)
+        if num_blocks * cache.block_size < self.max_model_len:
+            raise ValueError(f"KV cache of {num_blocks} blocks x {cache.block_size} tokens cannot hold one "
+                             f"sequence of max_model_len={self.max_model_len}: raise the KV cache memory or "
+                             f"lower max_model_len")
+        slots = num_blocks * cache.block_size
+        kv_caches = [(torch.zeros(slots, h, cfg.head_dim, dtype=dtype, device=self.device),
+                      torch.zeros(slots, h, cfg.head_dim, dtype=dtype, device=self.device)) for h in heads]
+        return kv_caches, num_blocks
+
+    # ------------------------------------------------------------------ requests
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model's limits; returns its resolved max_tokens."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if n >= self.max_model_len and not (n == self.max_model_len and params.max_tokens == 0):
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                             f"has {n} tokens, leaving no room for output")
+        max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                             f"has {n} prompt tokens and asks for {max_tokens} output tokens "
+                             f"({n + max_tokens} in total)")
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        max_tokens = self.validate(prompt_token_ids, params)
+        seqs, detoks = [], []
+        for i in range(params.n):
+            child = params.for_child(i) if params.n > 1 else params
+            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens))
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, list(prompt_token_ids), seqs, detoks)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+        return self._make_output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        touched = self._process(sched, result)
+        outputs = []
+        for req in touched:
+            outputs.append(self._make_output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _process(self, sched, result: RunnerOutput) -> list[Request]:
+        touched: dict[str, Request] = {}
+        for s in sched.scheduled:
+            seq = s.seq
+            req = self.requests[seq.request_id]
+            if seq.seq_id in result.prompt_logprobs:
+                if not seq.prompt_logprobs:
+                    seq.prompt_logprobs.append(None)     # the first token has no context
+                seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
+            if s.sample and seq.max_tokens == 0:
+                self.scheduler.finish(seq, "length")
+            elif seq.seq_id in result.sampled:
+                self._append_token(req, seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+            else:
+                continue                                  # a prefill chunk: nothing to report yet
+            touched[req.request_id] = req
+        return list(touched.values())
+
+    def _append_token(self, req: Request, seq: Sequence, token: int, logprobs) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
+            # The stop token stays in token_ids (it was generated) but never reaches the text.
+            return self.scheduler.finish(seq, "stop", token)
+        seq.text += req.detokenizers[seq.index].add(token)
+        if p.stop:
+            # Only the newly added text (plus a stop string's length of context) can hold a new match.
+            window = max(len(s) for s in p.stop) + 16
+            start = max(0, len(seq.text) - window)
+            hits = [(seq.text.find(s, start), s) for s in p.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                i, s = min(hits)
+                seq.text = seq.text[:i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
+                return self.scheduler.finish(seq, "stop", s)
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outputs = []
+        for seq in req.seqs:
+            text = seq.text
+            if not seq.is_finished and seq.params.stop:
+                # Hold back a tail that could still become a stop string, so a stream never shows it.
+                text = text[:max(0, len(text) - (max(len(s) for s in seq.params.stop) - 1))]
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=seq.output_token_ids,
+                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))
+        first = req.seqs[0]
+        return RequestOutput(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
+            finished=req.finished,
+            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+        )

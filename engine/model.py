@@ -1,0 +1,187 @@
+"""Trident's Llama-family decoder: embedding, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+The model runs a packed batch of tokens ([T] ids) from many sequences at once; attention reads and
+writes the paged KV cache through `kernels.attention`. Weights use HF names (q_proj, gate_proj, ...)
+at load and are fused here (qkv, gate_up) so each layer runs two GEMMs fewer. Every layer reads its
+own head and channel counts from its weights, so a width-pruned (sliced) model needs no flags.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from kernels.attention import AttentionMetadata, paged_attention, write_kv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32, scale in the model dtype: the HF reference does the same.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with the rope scaling schemes Llama checkpoints use."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        scaled = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+        return scaled.float()
+    raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables indexed by original token positions (rotate-half convention)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
+        self.register_buffer("cos", freqs.cos(), persistent=False)   # [P, D/2]
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, H, D]; rotate the two halves of each head by the position's angles.
+        cos = self.cos[positions].unsqueeze(1)                      # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        q, kv = num_heads * config.head_dim, num_kv_heads * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, q + 2 * kv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q, config.hidden_size, bias=False)
+        self.scale = config.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, rotary: Rotary, positions: torch.Tensor,
+                meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
+        k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)   # [T, Hq, D]
+        return self.o_proj(out.reshape(num_tokens, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, num_heads, num_kv_heads)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, intermediate_size)
+
+    def forward(self, x, rotary, positions, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, positions, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Decoder over a packed token batch. `forward` returns final hidden states [T, hidden]."""
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, config.num_heads, config.num_kv_heads, config.intermediate_size)
+            for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config, max_positions)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)                                # [T, hidden]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, self.rotary, positions, meta, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights named as in HF's LlamaForCausalLM, fusing q/k/v and gate/up.
+
+        Layer shapes come from the weights: a layer whose q_proj has fewer rows than the config's
+        heads (a width-pruned checkpoint) is rebuilt with its own head/channel counts.
+        """
+        cfg = self.config
+        dtype = self.embed_tokens.weight.dtype
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(f"checkpoint is missing tensor {name!r}")
+            return state[name].to(dtype)
+
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+            self.norm.weight.copy_(take("model.norm.weight"))
+            if not cfg.tie_word_embeddings:
+                self.lm_head.weight.copy_(take("lm_head.weight"))
+            for i in range(cfg.num_layers):
+                p = f"model.layers.{i}."
+                q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+                gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
+                heads, kv_heads = q.shape[0] // cfg.head_dim, k.shape[0] // cfg.head_dim
+                layer = self.layers[i]
+                if (heads, kv_heads, gate.shape[0]) != (layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
+                                                        layer.mlp.intermediate_size):
+                    layer = DecoderLayer(cfg, heads, kv_heads, gate.shape[0]).to(dtype)
+                    self.layers[i] = layer
+                layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+                layer.self_attn.qkv_proj.weight.copy_(torch.cat([q, k, v]))
+                if cfg.attention_bias:
+                    layer.self_attn.qkv_proj.bias.copy_(
+                        torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                layer.self_attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                layer.mlp.gate_up_proj.weight.copy_(torch.cat([gate, up]))
+                layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))

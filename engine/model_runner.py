@@ -1,0 +1,80 @@
+"""Runs one scheduled step through the model: builds the packed batch, runs the forward pass,
+computes logits only for the rows that need them, and samples."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.model import LlamaModel
+from engine.outputs import TokenLogprobs
+from engine.sampler import sample, top_logprobs
+from engine.scheduler import SchedulerOutput
+from kernels.attention import AttentionMetadata
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[int, int] = field(default_factory=dict)                   # seq_id -> new token id
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)        # seq_id -> its logprobs
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> one per prompt token
+    num_tokens: int = 0                                                     # tokens run through the model
+    step_time: float = 0.0                                                  # seconds, forward + sampling
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        start = time.perf_counter()
+        input_ids: list[int] = []
+        logit_rows: list[int] = []          # packed row indices whose logits are needed
+        sample_seqs, sample_rows = [], []   # rows (into logit_rows) that sample a next token
+        prompt_lp: list[tuple] = []         # (seq, slice of logit rows, target ids)
+        for s in sched.scheduled:
+            seq, lo = s.seq, len(input_ids)
+            begin, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
+            input_ids.extend(seq.token_ids[begin:end])
+            if seq.wants_prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+                # Row j predicts token j+1: score the prompt tokens after this chunk's positions.
+                targets = seq.token_ids[begin + 1:min(end + 1, seq.num_prompt_tokens)]
+                first = len(logit_rows)
+                logit_rows.extend(range(lo, lo + len(targets)))
+                prompt_lp.append((seq, slice(first, first + len(targets)), targets))
+            if s.sample and seq.max_tokens > 0:
+                if not (logit_rows and logit_rows[-1] == lo + s.num_new_tokens - 1):
+                    logit_rows.append(lo + s.num_new_tokens - 1)
+                sample_seqs.append(seq)
+                sample_rows.append(len(logit_rows) - 1)
+        meta = AttentionMetadata.build(
+            [s.seq.block_table for s in sched.scheduled],
+            [s.seq.num_computed_tokens + s.num_new_tokens for s in sched.scheduled],
+            [s.num_new_tokens for s in sched.scheduled],
+            self.block_size, self.device,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, meta.query_positions, meta, self.kv_caches)
+        out = RunnerOutput(num_tokens=len(input_ids))
+        if logit_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+            for seq, rows, targets in prompt_lp:
+                if not targets:
+                    continue
+                lp = logits[rows].log_softmax(-1)
+                k = seq.params.prompt_logprobs
+                out.prompt_logprobs[seq.seq_id] = top_logprobs(lp, torch.tensor(targets, device=lp.device), k)
+            if sample_seqs:
+                token_ids, logprobs = sample(logits[sample_rows], sample_seqs)
+                for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
+                    out.sampled[seq.seq_id] = tok
+                    if lp is not None:
+                        out.logprobs[seq.seq_id] = lp
+        out.step_time = time.perf_counter() - start
+        return out

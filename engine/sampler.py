@@ -1,0 +1,76 @@
+"""Token sampling for a batch of sequences: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+
+Greedy rows take a vectorized argmax. Random rows are sampled one by one so each seeded request
+draws from its own generator: the same seed gives the same tokens whatever else is in the batch.
+Reported logprobs are those of the model's distribution (log-softmax of raw logits), as vLLM does.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.outputs import TokenLogprobs
+from engine.sequence import Sequence
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """Per row: {chosen token: logprob, then the k most likely tokens}. logprobs: [N, V]."""
+    chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    result = [{c: lp} for c, lp in zip(chosen.tolist(), chosen_lp)]
+    if k > 0:
+        values, indices = logprobs.topk(k, dim=-1)
+        for row, ids, vals in zip(result, indices.tolist(), values.tolist()):
+            for i, v in zip(ids, vals):
+                row.setdefault(i, v)
+    return result
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """OpenAI-style: logit -= frequency * count(token in output) + presence * [count > 0]. In place."""
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[1]).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens that top-k, top-p and min-p exclude from a [V] logit row."""
+    if top_k > 0 and top_k < row.numel():
+        kth = row.topk(top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = row.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.
+        drop = (probs.cumsum(-1) - probs) > top_p
+        row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = row.softmax(-1)
+        row = row.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return row
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: float32 [N, V], one row per sequence. Returns the sampled ids and, per row, logprobs
+    when that sequence asked for them (None otherwise)."""
+    want_logprobs = [s.params.logprobs is not None for s in seqs]
+    raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+    apply_penalties(logits, seqs)
+    chosen = logits.argmax(-1)
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.greedy:
+            continue
+        filtered = _filter(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
+        probs = filtered.softmax(-1)
+        chosen[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+    token_ids = chosen.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+    if raw_logprobs is not None:
+        k = max(s.params.logprobs or 0 for s in seqs)
+        rows = top_logprobs(raw_logprobs, chosen, k)
+        for i, seq in enumerate(seqs):
+            if want_logprobs[i]:
+                keep = 1 + seq.params.logprobs
+                logprobs[i] = dict(list(rows[i].items())[:keep])
+    return token_ids, logprobs
