@@ -164,7 +164,9 @@ class LlamaModel(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
             self.norm.weight.copy_(take("model.norm.weight"))
-            if not cfg.tie_word_embeddings:
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight   # re-tie: to_empty() unties shared params
+            else:
                 self.lm_head.weight.copy_(take("lm_head.weight"))
             for i in range(cfg.num_layers):
                 p = f"model.layers.{i}."

@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA_DIR = ROOT.parent / "shared" / "data"
+# Keep test runs from writing into the user's cache.
+os.environ.setdefault("TRIDENT_CACHE_DIR", str(ROOT / ".cache" / "trident"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.tiny_model import build_tiny_hf_model
+
+    return build_tiny_hf_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    from tests.tiny_model import build_tiny_gguf
+
+    return build_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf")

@@ -1,0 +1,97 @@
+"""Trident's model code against HF transformers on tiny random models, from both file formats."""
+import pytest
+import torch
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+PROMPTS = ["The quick brown fox jumps", "Once upon a time there was a dragon who", "Hi"]
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def make_llm(model, **sched):
+    return LLM(EngineConfig(model=str(model), cache=CacheConfig(num_blocks=64),
+                            scheduler=SchedulerConfig(max_model_len=256, **sched)))
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_logits_equal_hf(fmt, tiny_model_dir, tiny_gguf):
+    llm = make_llm(tiny_model_dir if fmt == "hf" else tiny_gguf)
+    ref = hf_model(tiny_model_dir)
+    for prompt in PROMPTS:
+        ids = llm.tokenizer.encode(prompt)
+        ours = torch.tensor(llm.prompt_logprobs(ids))
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        expected = expected.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_equals_hf_with_chunked_prefill(tiny_model_dir):
+    # A 5-token budget splits every prompt into chunks and mixes them with decodes of other sequences.
+    llm = make_llm(tiny_model_dir, max_num_batched_tokens=5)
+    ref = hf_model(tiny_model_dir)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):
+        ids = llm.tokenizer.encode(prompt)
+        expected = ref.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert out.outputs[0].token_ids == expected[0, len(ids):].tolist()
+        assert out.outputs[0].finish_reason == "length"
+
+
+def test_preemption_recomputes_to_the_same_tokens(tiny_model_dir):
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    roomy = make_llm(tiny_model_dir).generate(PROMPTS * 2, params)
+    # 8 blocks of 16 tokens cannot hold six growing sequences: the scheduler must preempt.
+    tight = LLM(EngineConfig(model=str(tiny_model_dir), cache=CacheConfig(num_blocks=8),
+                             scheduler=SchedulerConfig(max_model_len=64)))
+    outs = tight.generate(PROMPTS * 2, params)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
+    assert tight.engine.block_manager.num_free_blocks == 8
+
+
+def test_stop_strings_and_tokens(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    free = llm.generate(["Once upon"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].outputs[0]
+    stop = free.text[5:8]
+    assert stop and stop in free.text
+    out = llm.generate(["Once upon"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                      stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == free.text[:free.text.index(stop)]
+    tok = free.token_ids[3]
+    out = llm.generate(["Once upon"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                      stop_token_ids=[tok]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == tok
+    assert out.token_ids == free.token_ids[:free.token_ids.index(tok) + 1]
+
+
+def test_seeds_n_and_logprobs(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=7, n=3, logprobs=2)
+    a = llm.generate(["Hello"], params)[0]
+    b = llm.generate(["Hello", "The quick"], params)[0]     # other work in the batch changes nothing
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) == 3   # children get distinct seeds
+    for o in a.outputs:
+        assert len(o.logprobs) == len(o.token_ids)
+        for tok, lp in zip(o.token_ids, o.logprobs):
+            assert tok in lp and 1 <= len(lp) <= 3 and all(v <= 0 for v in lp.values())
+
+
+def test_request_validation(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    with pytest.raises(ValueError, match="maximum context length is 256"):
+        llm.engine.add_request("a", [1] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        llm.engine.add_request("b", [], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        llm.engine.add_request("c", [10**6], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)

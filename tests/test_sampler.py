@@ -1,0 +1,46 @@
+"""Sampling transforms on hand-made logits."""
+import math
+
+import torch
+
+from engine.sampler import _filter, apply_penalties, sample
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+def seq(prompt=(1,), outputs=(), **params) -> Sequence:
+    s = Sequence(0, "r", 0, list(prompt), SamplingParams(**params), 100)
+    s.token_ids.extend(outputs)
+    return s
+
+
+def test_top_k_top_p_min_p_masks():
+    row = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isinf(_filter(row, 2, 1.0, 0.0)).tolist() == [False, False, True, True]
+    # top_p=0.7: 0.5 alone covers less than 0.7, so 0.3 stays; 0.5+0.3 covers it, so 0.15 goes.
+    assert torch.isinf(_filter(row, -1, 0.7, 0.0)).tolist() == [False, False, True, True]
+    assert torch.isinf(_filter(row, -1, 0.01, 0.0)).tolist() == [False, True, True, True]
+    # min_p=0.5: keep tokens with p >= 0.25.
+    assert torch.isinf(_filter(row, -1, 1.0, 0.5)).tolist() == [False, False, True, True]
+
+
+def test_penalties_follow_openai_formula():
+    logits = torch.zeros(1, 5)
+    apply_penalties(logits, [seq(outputs=[2, 2, 3], presence_penalty=0.5, frequency_penalty=0.25)])
+    assert logits[0].tolist() == [0.0, 0.0, -1.0, -0.75, 0.0]
+    logits = torch.zeros(1, 5)
+    apply_penalties(logits, [seq(prompt=[2, 2], presence_penalty=1.0)])   # prompt tokens do not count
+    assert logits[0].tolist() == [0.0] * 5
+
+
+def test_greedy_seeded_and_logprobs():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    ids, lps = sample(logits.clone(), [seq(temperature=0), seq(temperature=0, logprobs=1)])
+    assert ids == [1, 0] and lps[0] is None
+    expected = torch.log_softmax(logits[1], -1)
+    assert list(lps[1]) == [0] and math.isclose(lps[1][0], expected[0].item(), rel_tol=1e-6)
+    flat = torch.zeros(1, 1000)
+    first = sample(flat.clone(), [seq(seed=3)])[0][0]
+    assert sample(flat.clone(), [seq(seed=3)])[0][0] == first      # same seed, same draw
+    draws = {sample(flat.clone(), [seq(seed=i)])[0][0] for i in range(20)}
+    assert len(draws) > 10
