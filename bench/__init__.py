@@ -1,0 +1,1 @@
+"""Trident benchmarks: serving load generator, quality (perplexity, greedy agreement) and sweeps."""

@@ -1,0 +1,89 @@
+"""The SSE parser and request bodies of bench/client.py, against a scripted transport (no server)."""
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from bench.client import GenerationRequest, ServerTarget, build_payload, stream_request
+
+
+def _sse(*events) -> bytes:
+    lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+    return "".join(lines).encode()
+
+
+def _run(handler, endpoint="chat", prompt="hi"):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await stream_request(client, ServerTarget("http://test"), endpoint, "m",
+                                        GenerationRequest(prompt=prompt, max_tokens=4, expected_prompt_len=2))
+    return asyncio.run(go())
+
+
+def test_chat_stream_counts_content_chunks_and_usage():
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["path"], seen["body"] = request.url.path, json.loads(request.content)
+        return httpx.Response(200, content=_sse(
+            {"choices": [{"delta": {"role": "assistant"}}]},           # no content: not a token chunk
+            {"choices": [{"delta": {"content": "Hel"}}]},
+            {"choices": [{"delta": {"content": "lo"}}]},
+            {"choices": [{"delta": {}, "finish_reason": "length"}]},
+            {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}},
+        ))
+
+    record = _run(handler)
+    assert record.success and record.error == ""
+    assert len(record.chunk_times) == 2 and record.generated_text == "Hello"
+    assert (record.output_tokens, record.prompt_tokens) == (3, 5)
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["body"]["stream_options"] == {"include_usage": True}
+    assert seen["body"]["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_completions_stream_text_chunks():
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/completions"
+        return httpx.Response(200, content=_sse({"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]}))
+
+    record = _run(handler, endpoint="completions")
+    assert record.success and record.generated_text == "ab" and record.output_tokens is None
+    assert record.num_output_tokens == 2
+
+
+def test_http_error_is_recorded_with_status_and_body():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": "max_tokens too large"}})
+
+    record = _run(handler)
+    assert not record.success
+    assert record.error.startswith("HTTP 400:") and "max_tokens too large" in record.error
+
+
+def test_stream_without_content_or_with_error_event_fails():
+    assert "without any content" in _run(lambda r: httpx.Response(200, content=_sse())).error
+    record = _run(lambda r: httpx.Response(200, content=_sse({"error": {"message": "engine died"}})))
+    assert not record.success and "engine died" in record.error
+
+
+def test_payload_merges_extra_body_last():
+    request = GenerationRequest(prompt=[1, 2, 3], max_tokens=8, extra_body={"pruning": "balanced", "max_tokens": 2})
+    body = build_payload("completions", "m", request)
+    assert body["prompt"] == [1, 2, 3] and body["pruning"] == "balanced" and body["max_tokens"] == 2
+    with pytest.raises(ValueError, match="text prompts"):
+        build_payload("chat", "m", request)
+    with pytest.raises(ValueError, match="endpoint"):
+        build_payload("embeddings", "m", request)
+
+
+def test_finished_stream_without_visible_text_times_the_finish_chunk():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=_sse(
+            {"choices": [{"text": "", "finish_reason": "length"}]},
+            {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}},
+        ))
+
+    record = _run(handler, endpoint="completions")
+    assert record.success and len(record.chunk_times) == 1 and record.num_output_tokens == 5

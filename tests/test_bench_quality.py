@@ -1,0 +1,67 @@
+"""Quality arithmetic without a server: agreement, perplexity windows, Pareto fronts, sweep parsing."""
+import pytest
+
+from bench.agreement import GreedyOutput, compare_outputs, prefix_agreement
+from bench.pareto import SweepPoint, markdown_table, pareto_front, plot_sweep, speed_ppl_front
+from bench.perplexity import window_nll, word_windows
+from bench.quality import parse_sweep
+
+
+def test_prefix_agreement():
+    assert prefix_agreement(["a", "b", "c", "d"], ["a", "b", "x", "d"]) == 0.5   # diverges at position 2
+    assert prefix_agreement(["a", "b"], ["a", "b", "c", "d"]) == 0.5             # shorter: the longer counts
+    assert prefix_agreement(["a"], ["a"]) == 1.0
+    assert prefix_agreement([], []) == 1.0
+    assert prefix_agreement(["x"], []) == 0.0
+
+
+def test_compare_outputs():
+    ref = [GreedyOutput("p1", ["a", "b"], "ab", "tokens"), GreedyOutput("p2", ["c", "d"], "cd", "tokens")]
+    run = [GreedyOutput("p1", ["a", "b"], "ab", "tokens"), GreedyOutput("p2", ["c", "e"], "ce", "tokens")]
+    result = compare_outputs(ref, run)
+    assert result.per_prompt == [1.0, 0.5]
+    assert (result.mean_prefix_agreement, result.exact_match_rate, result.unit) == (0.75, 0.5, "tokens")
+    # one side without token logprobs: both compared per character
+    chars = compare_outputs(ref, [GreedyOutput("p1", list("ab"), "ab", "chars"), GreedyOutput("p2", list("cx"), "cx", "chars")])
+    assert chars.unit == "chars" and chars.per_prompt == [1.0, 0.5]
+    with pytest.raises(ValueError, match="prompt mismatch"):
+        compare_outputs(ref, list(reversed(run)))
+    with pytest.raises(ValueError, match="outputs"):
+        compare_outputs(ref, run[:1])
+
+
+def test_window_nll_skips_the_first_token():
+    assert window_nll([None, -1.0, -0.5]) == (1.5, 2)
+    with pytest.raises(RuntimeError, match="null logprob"):
+        window_nll([None, None, -1.0])
+    windows = word_windows("one two three four five six seven", window=4, num_windows=2)
+    assert windows == ["one two three", "four five six"]
+
+
+def _point(label, speed, ppl, agreement=None):
+    return SweepPoint(label, "http://x", {}, ppl, agreement, None, speed, 1.0, 10.0, 20.0, 0, {})
+
+
+def test_pareto_front():
+    # (speed up, ppl down): B is dominated by A (slower and worse); C is fastest; D ties A exactly
+    points = [(10.0, 5.0), (9.0, 6.0), (20.0, 8.0), (10.0, 5.0)]
+    assert pareto_front(points, (True, False)) == [True, False, True, True]
+    assert pareto_front([(1.0, 1.0), (2.0, 2.0)], (True, True)) == [False, True]
+    sweep = [_point("dense", 10, 5.0), _point("balanced", 15, 5.5), _point("bad", 12, 9.0), _point("noppl", 99, None)]
+    assert speed_ppl_front(sweep) == [True, True, False, False]
+
+
+def test_table_and_plot(tmp_path):
+    sweep = [_point("dense", 10, 5.0, 1.0), _point("balanced", 15, 5.5, 0.8)]
+    table = markdown_table(sweep)
+    assert "| dense | 5.000 | 1.000 | - | 10.00 |" in table and table.count("| * |") == 2
+    plot_sweep(sweep, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parse_sweep():
+    points = parse_sweep(['dense={"pruning": "dense"}', "b=http://127.0.0.1:9000"], "http://base")
+    assert points == [("dense", "http://base", {"pruning": "dense"}), ("b", "http://127.0.0.1:9000", {})]
+    for bad in (["nolabel"], ["x=dense"], ["x={bad json}"], ["x={}", "x={}"], ["x=[1]"]):
+        with pytest.raises(ValueError):
+            parse_sweep(bad, "http://base")
