@@ -1,0 +1,1 @@
+"""Trident HTTP edge: OpenAI-compatible FastAPI app, protocol models, Prometheus metrics, CLI."""

@@ -1,0 +1,126 @@
+"""The FastAPI app: engine lifecycle, API-key check, routes.
+
+The engine starts in the background when the app starts, so the port answers at once:
+`/health` is 503 while the model loads or after the engine failed, 200 when ready, and every
+model endpoint answers 503 until then. `/health` and `/metrics` need no API key.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
+
+from server.chat import ChatServer, chat_prompt_ids
+from server.completions import CompletionServer
+from server.context import ServerContext
+from server.errors import APIError, install_error_handlers
+from server.metrics import RequestCounterMiddleware, ServerMetrics
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                             ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+
+logger = logging.getLogger(__name__)
+
+
+async def _start_engine(ctx: ServerContext) -> None:
+    """Loads the model; a failure is kept for /health and every later request (503)."""
+    try:
+        await ctx.engine.start()
+        logger.info("engine ready: serving %s (max_model_len %d)", ctx.model_name, ctx.engine.max_model_len)
+    except Exception as exc:
+        ctx.start_error = f"{type(exc).__name__}: {exc}"
+        logger.exception("engine failed to start")
+
+
+def _bearer_check(api_key: str):
+    """A dependency answering 401 unless the request carries `Authorization: Bearer <api_key>`."""
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request) -> None:
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected):
+            raise APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    return check
+
+
+def build_app(engine, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app around `engine` (an AsyncEngine, not started yet).
+
+    api_key: when set, every endpoint but /health and /metrics needs it as a Bearer token.
+    served_model_name: the name clients use and responses carry; default `engine.model_name`.
+    """
+    ctx = ServerContext(engine, ServerMetrics(), served_model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        starting = asyncio.create_task(_start_engine(ctx))
+        try:
+            yield
+        finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            try:
+                await engine.shutdown()
+            except Exception:
+                logger.exception("engine shutdown failed")
+
+    app = FastAPI(title="Trident", summary="OpenAI-compatible pruning-aware LLM server", lifespan=lifespan)
+    install_error_handlers(app)
+    auth = [Depends(_bearer_check(api_key))] if api_key else []   # on every route but health and metrics
+
+    @app.get("/health")
+    async def health() -> dict:
+        ctx.check_ready()
+        return {"status": "ok", "model": ctx.model_name}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        ready = engine.ready and not engine.errored
+        ctx.metrics.engine_ready.set(1 if ready else 0)
+        ctx.metrics.engine_waiting.set(engine.num_waiting if ready else 0)
+        return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> ModelList:
+        ctx.check_ready()
+        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=engine.max_model_len)])
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await CompletionServer(ctx, body).serve(raw)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await ChatServer(ctx, body).serve(raw)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        ctx.check_ready()
+        ctx.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of `prompt` or `messages`")
+        if body.messages is not None:
+            messages = [m.to_template_dict() for m in body.messages]
+            token_ids = chat_prompt_ids(ctx, messages, body.add_generation_prompt)
+        else:
+            token_ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=token_ids, count=len(token_ids), max_model_len=engine.max_model_len)
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        ctx.check_ready()
+        ctx.check_model(body.model)
+        if body.tokens:
+            ctx.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
+
+    app.add_middleware(RequestCounterMiddleware, metrics=ctx.metrics,
+                       endpoints={route.path for route in app.routes})
+    return app

@@ -1,0 +1,108 @@
+"""The `trident` command (also `python -m server`).
+
+    trident serve --model PATH|ALIAS [options]    OpenAI-compatible server (uvicorn)
+    trident bench serve [bench options]           load generator against a running server
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size such as "1GiB", "512MiB", "2G" or "1048576"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 512MiB or a byte count)")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    # Engine options default to None: unset flags keep the config dataclasses' defaults.
+    add = parser.add_argument
+    add("--model", default=DEFAULT_MODEL, help="GGUF file, HF-style folder, or alias (default %(default)s)")
+    add("--served-model-name", help="name clients send as `model` (default: derived from --model)")
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=8000)
+    add("--api-key", default=os.environ.get("TRIDENT_API_KEY"),
+        help="require `Authorization: Bearer KEY` (default: $TRIDENT_API_KEY; unset = open)")
+    add("--dtype", choices=["float32", "bfloat16", "float16"])
+    add("--device", help="cpu or cuda (default: cuda when available)")
+    add("--seed", type=int)
+    add("--max-model-len", type=int, help="prompt + output tokens per sequence")
+    add("--max-num-seqs", type=int, help="sequences running per step")
+    add("--max-num-batched-tokens", type=int, help="tokens per step (prefill chunks + decodes)")
+    add("--max-waiting", type=int, help="waiting-queue bound; beyond it requests get 429")
+    add("--block-size", type=int, help="tokens per KV block")
+    add("--kv-cache-memory", type=parse_size, help="KV cache size, e.g. 1GiB (ignored with --num-kv-blocks)")
+    add("--num-kv-blocks", type=int, help="explicit KV block count")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `trident` parser; `bench serve` arguments are forwarded untouched (see main)."""
+    parser = argparse.ArgumentParser(prog="trident", description="Trident: a pruning-aware LLM server")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_serve_args(serve)
+    serve.set_defaults(handler=serve_command)
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench_commands.add_parser("serve", help="load generator against a running server (bench.serve)")
+    return parser
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from `serve` flags; flags left unset keep the dataclass defaults."""
+
+    def given(**values):
+        return {key: value for key, value in values.items() if value is not None}
+
+    device = args.device
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = CacheConfig(**given(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                                kv_cache_memory=args.kv_cache_memory))
+    scheduler = SchedulerConfig(**given(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                        max_num_batched_tokens=args.max_num_batched_tokens,
+                                        max_waiting=args.max_waiting))
+    return EngineConfig(model=args.model, device=device, cache=cache, scheduler=scheduler,
+                        **given(dtype=args.dtype, seed=args.seed))
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Builds the engine and app, then serves until interrupted."""
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from server.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = engine_config_from_args(args)
+    except ValueError as exc:
+        print(f"trident serve: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(AsyncEngine(config), api_key=args.api_key, served_model_name=args.served_model_name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `trident` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "serve"]:
+        from bench.serve import main as bench_serve_main
+        return bench_serve_main(argv[2:]) or 0
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
