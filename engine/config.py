@@ -84,12 +84,20 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str                           # path to a GGUF file or HF folder, or a known alias
-    dtype: str = "float32"               # "float32" | "bfloat16" | "float16"
+    dtype: str = "auto"                  # "auto" | "float32" | "bfloat16" | "float16"
     device: str = "cpu"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def resolved_dtype(self) -> str:
+        """`auto` picks by measurement: bfloat16 halves bytes read on GPUs; on CPUs without bf16
+        matrix units torch's bf16 GEMV runs no faster than float32 (bench/offline.py), so float32."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"

@@ -11,7 +11,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import load_checkpoint
-from engine.model import LlamaModel, Rotary
+from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, RunnerOutput
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -46,7 +46,8 @@ class LLMEngine:
         self.model_name = ckpt.name
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config.eos_token_ids)
         self.device = torch.device(config.device)
-        dtype = DTYPES[config.dtype]
+        self.dtype = config.resolved_dtype
+        dtype = DTYPES[self.dtype]
         self.max_model_len = min(config.scheduler.max_model_len, ckpt.config.max_position_embeddings)
         self.model = self._build_model(ckpt.state_dict, dtype)
         kv_caches, num_blocks = self._allocate_kv_cache(dtype)
@@ -57,19 +58,13 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.load_time = time.perf_counter() - started
         log.info("loaded %s (%s, %d layers) in %.2fs; KV cache %d blocks x %d tokens",
-                 self.model_name, config.dtype, ckpt.config.num_layers, self.load_time, num_blocks,
+                 self.model_name, self.dtype, ckpt.config.num_layers, self.load_time, num_blocks,
                  config.cache.block_size)
 
     # ------------------------------------------------------------------ setup
 
     def _build_model(self, state_dict, dtype) -> LlamaModel:
-        # Build on the meta device (no random init), then materialize and fill from the checkpoint.
-        with torch.device("meta"):
-            model = LlamaModel(self.model_config, self.max_model_len)
-        model = model.to_empty(device=self.device).to(dtype)
-        model.rotary = Rotary(self.model_config, self.max_model_len).to(self.device)
-        model.load_hf_state_dict(state_dict)
-        return model.eval()
+        return LlamaModel.from_hf_state_dict(self.model_config, state_dict, self.max_model_len, dtype, self.device)
 
     def _allocate_kv_cache(self, dtype):
         cfg, cache = self.model_config, self.config.cache

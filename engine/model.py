@@ -8,6 +8,7 @@ own head and channel counts from its weights, so a width-pruned (sliced) model n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +72,18 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, num_heads: int, num_kv_heads: int) -> None:
+    def __init__(self, config: ModelConfig, spec: "LayerSpec") -> None:
         super().__init__()
         self.head_dim = config.head_dim
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        q, kv = num_heads * config.head_dim, num_kv_heads * config.head_dim
+        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
+        q, kv = spec.num_heads * config.head_dim, spec.num_kv_heads * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, q + 2 * kv, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(q, config.hidden_size, bias=spec.attn_out_bias)
+        # When pruning left unequal query groups, query head j sits at slot virtual_q_heads[j] of a
+        # virtual layout with `group` slots per kept KV head, so slot // group is its KV head.
+        self.group = config.num_heads // config.num_kv_heads
+        self.register_buffer("virtual_q_heads", torch.zeros(spec.num_heads, dtype=torch.long)
+                             if spec.ragged_groups else None)
         self.scale = config.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rotary: Rotary, positions: torch.Tensor,
@@ -90,29 +96,66 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)   # [T, Hq, D]
+        if self.virtual_q_heads is None:
+            out = paged_attention(q, k_cache, v_cache, meta, self.scale)           # [T, Hq, D]
+        else:
+            virtual = q.new_zeros(num_tokens, self.num_kv_heads * self.group, self.head_dim)
+            virtual[:, self.virtual_q_heads] = q
+            out = paged_attention(virtual, k_cache, v_cache, meta, self.scale, kept_q_heads=self.virtual_q_heads)
         return self.o_proj(out.reshape(num_tokens, q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, out_bias: bool = False) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shape of one present layer, read from its weights (a pruned layer has fewer heads/channels)."""
+
+    index: int                  # position in the unpruned model
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    attn_out_bias: bool = False  # o_proj bias (compensation for dropped heads)
+    ffn_out_bias: bool = False   # down_proj bias (compensation for dropped channels)
+    ragged_groups: bool = False  # query heads map to KV heads through virtual_q_heads
+
+    @staticmethod
+    def from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> list["LayerSpec"]:
+        specs = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            if p + "self_attn.q_proj.weight" not in state:
+                continue          # a dropped layer
+            specs.append(LayerSpec(
+                index=i,
+                num_heads=state[p + "self_attn.q_proj.weight"].shape[0] // config.head_dim,
+                num_kv_heads=state[p + "self_attn.k_proj.weight"].shape[0] // config.head_dim,
+                intermediate_size=state[p + "mlp.gate_proj.weight"].shape[0],
+                attn_out_bias=p + "self_attn.o_proj.bias" in state,
+                ffn_out_bias=p + "mlp.down_proj.bias" in state,
+                ragged_groups=p + "self_attn.virtual_q_heads" in state,
+            ))
+        return specs
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+    def __init__(self, config: ModelConfig, spec: LayerSpec) -> None:
         super().__init__()
+        self.spec = spec
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, num_heads, num_kv_heads)
+        self.self_attn = Attention(config, spec)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, intermediate_size)
+        self.mlp = MLP(config.hidden_size, spec.intermediate_size, spec.ffn_out_bias)
 
     def forward(self, x, rotary, positions, meta, kv_cache):
         x = x + self.self_attn(self.input_layernorm(x), rotary, positions, meta, kv_cache)
@@ -122,14 +165,11 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Decoder over a packed token batch. `forward` returns final hidden states [T, hidden]."""
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, specs: list[LayerSpec]) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, config.num_heads, config.num_kv_heads, config.intermediate_size)
-            for _ in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in specs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -147,14 +187,15 @@ class LlamaModel(nn.Module):
         """[N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load weights named as in HF's LlamaForCausalLM, fusing q/k/v and gate/up.
-
-        Layer shapes come from the weights: a layer whose q_proj has fewer rows than the config's
-        heads (a width-pruned checkpoint) is rebuilt with its own head/channel counts.
-        """
-        cfg = self.config
-        dtype = self.embed_tokens.weight.dtype
+    @classmethod
+    def from_hf_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor], max_positions: int,
+                           dtype: torch.dtype, device: torch.device) -> "LlamaModel":
+        """Build from HF-named weights (q/k/v and gate/up fused here). Layer shapes come from the
+        weights, so a pruned state dict (engine.pruning.apply) yields a pruned model."""
+        with torch.device("meta"):    # no random init: every parameter is overwritten below
+            model = cls(config, max_positions, LayerSpec.from_state_dict(config, state))
+        model = model.to_empty(device=device).to(dtype)
+        model.rotary = Rotary(config, max_positions).to(device)
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
@@ -162,28 +203,28 @@ class LlamaModel(nn.Module):
             return state[name].to(dtype)
 
         with torch.no_grad():
-            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
-            self.norm.weight.copy_(take("model.norm.weight"))
-            if cfg.tie_word_embeddings:
-                self.lm_head.weight = self.embed_tokens.weight   # re-tie: to_empty() unties shared params
+            model.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+            model.norm.weight.copy_(take("model.norm.weight"))
+            if config.tie_word_embeddings:
+                model.lm_head.weight = model.embed_tokens.weight   # re-tie: to_empty() unties shared params
             else:
-                self.lm_head.weight.copy_(take("lm_head.weight"))
-            for i in range(cfg.num_layers):
-                p = f"model.layers.{i}."
-                q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
-                gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
-                heads, kv_heads = q.shape[0] // cfg.head_dim, k.shape[0] // cfg.head_dim
-                layer = self.layers[i]
-                if (heads, kv_heads, gate.shape[0]) != (layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
-                                                        layer.mlp.intermediate_size):
-                    layer = DecoderLayer(cfg, heads, kv_heads, gate.shape[0]).to(dtype)
-                    self.layers[i] = layer
+                model.lm_head.weight.copy_(take("lm_head.weight"))
+            for layer in model.layers:
+                p = f"model.layers.{layer.spec.index}."
+                attn, mlp = layer.self_attn, layer.mlp
                 layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
-                layer.self_attn.qkv_proj.weight.copy_(torch.cat([q, k, v]))
-                if cfg.attention_bias:
-                    layer.self_attn.qkv_proj.bias.copy_(
-                        torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-                layer.self_attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
-                layer.mlp.gate_up_proj.weight.copy_(torch.cat([gate, up]))
-                layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+                attn.qkv_proj.weight.copy_(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+                if config.attention_bias:
+                    attn.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                if layer.spec.attn_out_bias:
+                    attn.o_proj.bias.copy_(take(p + "self_attn.o_proj.bias"))
+                if layer.spec.ragged_groups:
+                    attn.virtual_q_heads.copy_(state[p + "self_attn.virtual_q_heads"])
+                mlp.gate_up_proj.weight.copy_(torch.cat([take(p + "mlp.gate_proj.weight"),
+                                                         take(p + "mlp.up_proj.weight")]))
+                mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+                if layer.spec.ffn_out_bias:
+                    mlp.down_proj.bias.copy_(take(p + "mlp.down_proj.bias"))
+        return model.eval()
