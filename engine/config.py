@@ -87,6 +87,7 @@ class EngineConfig:
     dtype: str = "auto"                  # "auto" | "float32" | "bfloat16" | "float16"
     device: str = "cpu"
     seed: int = 0
+    plan: str | None = None              # pruning plan: a JSON file or a profile name; None = unpruned
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -14,6 +14,9 @@ from engine.loader import load_checkpoint
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, RunnerOutput
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
+from engine.pruning.apply import apply_plan
+from engine.pruning.profiles import resolve_plan
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -30,6 +33,7 @@ class Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
+    flops: FlopCount
 
     @property
     def finished(self) -> bool:
@@ -49,11 +53,23 @@ class LLMEngine:
         self.dtype = config.resolved_dtype
         dtype = DTYPES[self.dtype]
         self.max_model_len = min(config.scheduler.max_model_len, ckpt.config.max_position_embeddings)
-        self.model = self._build_model(ckpt.state_dict, dtype)
+        state = ckpt.state_dict
+        self.plan = resolve_plan(config.plan, ckpt.config, self.model_name) if config.plan else None
+        if self.plan is not None:
+            state = apply_plan(state, ckpt.config, self.plan)
+        self.model = LlamaModel.from_hf_state_dict(ckpt.config, state, self.max_model_len, dtype, self.device)
         kv_caches, num_blocks = self._allocate_kv_cache(dtype)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device)
+        shapes: list[LayerShape | None] = [None] * ckpt.config.num_layers
+        for layer in self.model.layers:
+            spec = layer.spec
+            shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size)
+        self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device,
+                                  FlopCounter(ckpt.config, shapes))
+        self.total_flops = FlopCount()                          # since start, all requests
+        self.saved_seconds = dict.fromkeys(AXES, 0.0)           # step time attributed by FLOP share
+        self.busy_seconds = 0.0
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.load_time = time.perf_counter() - started
@@ -62,9 +78,6 @@ class LLMEngine:
                  config.cache.block_size)
 
     # ------------------------------------------------------------------ setup
-
-    def _build_model(self, state_dict, dtype) -> LlamaModel:
-        return LlamaModel.from_hf_state_dict(self.model_config, state_dict, self.max_model_len, dtype, self.device)
 
     def _allocate_kv_cache(self, dtype):
         cfg, cache = self.model_config, self.config.cache
@@ -111,7 +124,7 @@ class LLMEngine:
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens))
             self.scheduler.add(seq)
-        self.requests[request_id] = Request(request_id, list(prompt_token_ids), seqs, detoks)
+        self.requests[request_id] = Request(request_id, list(prompt_token_ids), seqs, detoks, FlopCount())
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -135,6 +148,7 @@ class LLMEngine:
         if sched.is_empty:
             return []
         result = self.runner.execute(sched)
+        self._account(result)
         self.scheduler.update_after_step(sched)
         touched = self._process(sched, result)
         outputs = []
@@ -144,11 +158,20 @@ class LLMEngine:
                 del self.requests[req.request_id]
         return outputs
 
+    def _account(self, result: RunnerOutput) -> None:
+        step = result.step_flops
+        self.total_flops.add(step)
+        self.busy_seconds += result.step_time
+        for axis in AXES:
+            # Seconds this axis saved: the measured step time scaled by its FLOP share.
+            self.saved_seconds[axis] += result.step_time * step.saved[axis] / max(step.executed, 1.0)
+
     def _process(self, sched, result: RunnerOutput) -> list[Request]:
         touched: dict[str, Request] = {}
         for s in sched.scheduled:
             seq = s.seq
             req = self.requests[seq.request_id]
+            req.flops.add(result.flops[seq.seq_id])
             if seq.seq_id in result.prompt_logprobs:
                 if not seq.prompt_logprobs:
                     seq.prompt_logprobs.append(None)     # the first token has no context
@@ -201,4 +224,5 @@ class LLMEngine:
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
             finished=req.finished,
             prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+            pruning=req.flops.summary() if self.plan is not None else {},
         )

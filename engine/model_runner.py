@@ -9,6 +9,7 @@ import torch
 
 from engine.model import LlamaModel
 from engine.outputs import TokenLogprobs
+from engine.pruning.accounting import FlopCount, FlopCounter
 from engine.sampler import sample, top_logprobs
 from engine.scheduler import SchedulerOutput
 from kernels.attention import AttentionMetadata
@@ -21,12 +22,15 @@ class RunnerOutput:
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> one per prompt token
     num_tokens: int = 0                                                     # tokens run through the model
     step_time: float = 0.0                                                  # seconds, forward + sampling
+    flops: dict[int, FlopCount] = field(default_factory=dict)               # seq_id -> its share of the step
+    step_flops: FlopCount = field(default_factory=FlopCount)                # the whole step
 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, device: torch.device) -> None:
+                 block_size: int, device: torch.device, flop_counter: FlopCounter) -> None:
         self.model = model
+        self.flop_counter = flop_counter
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -38,8 +42,10 @@ class ModelRunner:
         logit_rows: list[int] = []          # packed row indices whose logits are needed
         sample_seqs, sample_rows = [], []   # rows (into logit_rows) that sample a next token
         prompt_lp: list[tuple] = []         # (seq, slice of logit rows, target ids)
+        rows_per_seq = []                   # logit rows each sequence needs (for accounting)
         for s in sched.scheduled:
             seq, lo = s.seq, len(input_ids)
+            rows_before = len(logit_rows)
             begin, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
             input_ids.extend(seq.token_ids[begin:end])
             if seq.wants_prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
@@ -53,6 +59,7 @@ class ModelRunner:
                     logit_rows.append(lo + s.num_new_tokens - 1)
                 sample_seqs.append(seq)
                 sample_rows.append(len(logit_rows) - 1)
+            rows_per_seq.append(len(logit_rows) - rows_before)
         meta = AttentionMetadata.build(
             [s.seq.block_table for s in sched.scheduled],
             [s.seq.num_computed_tokens + s.num_new_tokens for s in sched.scheduled],
@@ -76,5 +83,9 @@ class ModelRunner:
                     out.sampled[seq.seq_id] = tok
                     if lp is not None:
                         out.logprobs[seq.seq_id] = lp
+        for s, rows in zip(sched.scheduled, rows_per_seq):
+            count = self.flop_counter.step(s.num_new_tokens, s.seq.num_computed_tokens + s.num_new_tokens, rows)
+            out.flops[s.seq.seq_id] = count
+            out.step_flops.add(count)
         out.step_time = time.perf_counter() - start
         return out

@@ -19,7 +19,7 @@ from server.chat import ChatServer, chat_prompt_ids
 from server.completions import CompletionServer
 from server.context import ServerContext
 from server.errors import APIError, install_error_handlers
-from server.metrics import RequestCounterMiddleware, ServerMetrics
+from server.metrics import EngineCollector, RequestCounterMiddleware, ServerMetrics
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                              ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 
@@ -56,6 +56,7 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
     served_model_name: the name clients use and responses carry; default `engine.model_name`.
     """
     ctx = ServerContext(engine, ServerMetrics(), served_model_name)
+    ctx.metrics.registry.register(EngineCollector(engine))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,7 +1,8 @@
 """The `trident` command (also `python -m server`).
 
     trident serve --model PATH|ALIAS [options]    OpenAI-compatible server (uvicorn)
-    trident bench serve [bench options]           load generator against a running server
+    trident calibrate --model M [--data FILE]     statistics + pruning plan profiles
+    trident bench serve|quality|compare [...]     load generator, quality sweeps, side by side
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.pruning.profiles import PROFILES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -35,7 +38,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--port", type=int, default=8000)
     add("--api-key", default=os.environ.get("TRIDENT_API_KEY"),
         help="require `Authorization: Bearer KEY` (default: $TRIDENT_API_KEY; unset = open)")
-    add("--dtype", choices=["float32", "bfloat16", "float16"])
+    add("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV cache dtype (default auto: float32 on CPU, bfloat16 on CUDA)")
+    add("--plan", help="pruning plan: a profile (dense, balanced, aggressive) or a plan JSON file")
     add("--device", help="cpu or cuda (default: cuda when available)")
     add("--seed", type=int)
     add("--max-model-len", type=int, help="prompt + output tokens per sequence")
@@ -55,10 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     _add_serve_args(serve)
     serve.set_defaults(handler=serve_command)
+    calibrate = commands.add_parser("calibrate", help="collect pruning statistics and write plan profiles")
+    calibrate.add_argument("--model", default=DEFAULT_MODEL)
+    calibrate.add_argument("--data", default=str(DEFAULT_CALIBRATION_DATA),
+                           help="calibration text (default %(default)s)")
+    calibrate.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default %(default)s)")
+    calibrate.add_argument("--eval-tokens", type=int, default=4096,
+                           help="held-out tokens, from the end of --data, that choose the profiles")
+    calibrate.add_argument("--out", help="output folder (default: where --plan PROFILE looks)")
+    calibrate.set_defaults(handler=calibrate_command)
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    bench_commands.add_parser("serve", help="load generator against a running server (bench.serve)")
+    for name, text in BENCH_COMMANDS.items():
+        bench_commands.add_parser(name, help=text)
     return parser
+
+
+BENCH_COMMANDS = {"serve": "load generator against a running server (bench.serve)",
+                  "quality": "perplexity, greedy agreement and quality/speed sweeps (bench.quality)",
+                  "compare": "Trident profiles and peers side by side under the same load (bench.compare)"}
+DEFAULT_CALIBRATION_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt"
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from engine.pruning.calibrate import calibrate
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.data).exists():
+        print(f"trident calibrate: no such file {args.data}", file=sys.stderr)
+        return 2
+    report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
+                       out_dir=Path(args.out) if args.out else None)
+    print(f"dense perplexity {report['dense_perplexity']:.3f} on {report['eval_tokens']} held-out tokens")
+    for point in report["sweep"]:
+        print(f"  {point['plan']:<12} width {point['width_fraction']:.2f}  perplexity {point['perplexity']:.3f}")
+    print(f"profiles: {report['profiles']}; plans in {report['out_dir']}")
+    return 0
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -76,7 +113,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     scheduler = SchedulerConfig(**given(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                         max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_waiting=args.max_waiting))
-    return EngineConfig(model=args.model, device=device, cache=cache, scheduler=scheduler,
+    return EngineConfig(model=args.model, device=device, cache=cache, scheduler=scheduler, plan=args.plan,
                         **given(dtype=args.dtype, seed=args.seed))
 
 
@@ -90,6 +127,8 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config_from_args(args)
+        if args.plan and args.plan not in PROFILES and not Path(args.plan).exists():
+            raise ValueError(f"--plan {args.plan!r} is neither a profile ({', '.join(PROFILES)}) nor a file")
     except ValueError as exc:
         print(f"trident serve: {exc}", file=sys.stderr)
         return 2
@@ -101,8 +140,8 @@ def serve_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `trident` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "serve"]:
-        from bench.serve import main as bench_serve_main
-        return bench_serve_main(argv[2:]) or 0
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_COMMANDS:
+        import importlib
+        return importlib.import_module(f"bench.{argv[1]}").main(argv[2:]) or 0
     args = build_parser().parse_args(argv)
     return args.handler(args)

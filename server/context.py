@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from engine.outputs import RequestOutput
+from engine.pruning.accounting import merge_summaries
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, engine_error
 from server.generation import ClientDisconnected, Generation, unless_disconnected
@@ -97,24 +98,7 @@ def usage_of(finals: list[RequestOutput]) -> UsageInfo:
     """Usage summed over the prompts of one HTTP request (each prompt counted once for any n)."""
     prompt_tokens = sum(out.num_prompt_tokens for out in finals)
     completion_tokens = sum(out.num_output_tokens for out in finals)
-    return make_usage(prompt_tokens, completion_tokens, merge_pruning([out.pruning for out in finals]))
-
-
-def merge_pruning(reports: list[dict]) -> dict:
-    """One pruning report for several engine requests: numbers summed, key by key (nested dicts too)."""
-    reports = [r for r in reports if r]
-    if len(reports) <= 1:
-        return reports[0] if reports else {}
-    merged: dict = {}
-    for report in reports:
-        for key, value in report.items():
-            if isinstance(value, dict):
-                merged[key] = merge_pruning([merged.get(key, {}), value])
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                merged[key] = merged.get(key, 0) + value
-            else:
-                merged.setdefault(key, value)
-    return merged
+    return make_usage(prompt_tokens, completion_tokens, merge_summaries([out.pruning for out in finals]))
 
 
 def sse_event(payload: BaseModel | dict) -> str:

@@ -6,6 +6,7 @@ Latencies are measured at the server, so they include queueing and detokenizatio
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Bucket edges in seconds: token latencies from sub-millisecond (GPU decode) to seconds (CPU).
@@ -49,6 +50,41 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The registry in Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+class EngineCollector:
+    """Engine-side figures read at scrape time: busy time, FLOPs executed vs dense, and the time
+    and FLOPs each pruning axis saved (step time attributed by FLOP share), KV-cache use."""
+
+    def __init__(self, async_engine) -> None:
+        self.async_engine = async_engine
+
+    def collect(self):
+        engine = self.async_engine.engine
+        if engine is None:
+            return
+        yield CounterMetricFamily("trident_engine_busy_seconds", "Time spent in engine steps",
+                                  value=engine.busy_seconds)
+        flops = engine.total_flops
+        yield CounterMetricFamily("trident_flops_executed", "Matrix FLOPs the engine executed",
+                                  value=flops.executed)
+        yield CounterMetricFamily("trident_flops_dense", "Matrix FLOPs the dense model would have executed",
+                                  value=flops.dense)
+        saved_flops = CounterMetricFamily("trident_pruning_saved_flops", "FLOPs saved, by pruning axis",
+                                          labels=["axis"])
+        saved_time = CounterMetricFamily("trident_pruning_saved_seconds",
+                                         "Step time saved, by pruning axis (attributed by FLOP share)",
+                                         labels=["axis"])
+        for axis, value in flops.saved.items():
+            saved_flops.add_metric([axis], value)
+            saved_time.add_metric([axis], engine.saved_seconds[axis])
+        yield saved_flops
+        yield saved_time
+        bm = engine.block_manager
+        yield GaugeMetricFamily("trident_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
+                                value=1.0 - bm.num_free_blocks / bm.num_blocks)
+        yield CounterMetricFamily("trident_preemptions", "Sequences preempted for recompute",
+                                  value=engine.scheduler.num_preemptions)
 
 
 class RequestCounterMiddleware:

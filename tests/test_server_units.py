@@ -8,7 +8,6 @@ import pytest
 
 from engine.config import CacheConfig, SchedulerConfig
 from server import cli
-from server.context import merge_pruning
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -81,10 +80,3 @@ def test_chat_request_to_sampling_params():
     parts = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                           {"type": "text", "text": "b"}]}])
     assert parts.messages[0].to_template_dict() == {"role": "user", "content": "ab"}
-
-
-def test_merge_pruning_sums_numbers():
-    a = {"flops": 10, "saved": {"depth": 1.5, "width": 2}, "plan": "balanced"}
-    b = {"flops": 5, "saved": {"depth": 0.5, "width": 1}, "plan": "balanced"}
-    assert merge_pruning([a, {}, b]) == {"flops": 15, "saved": {"depth": 2.0, "width": 3}, "plan": "balanced"}
-    assert merge_pruning([{}, a]) is a and merge_pruning([]) == {}

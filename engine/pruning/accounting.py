@@ -1,0 +1,107 @@
+"""Honest FLOP accounting per step and per request, split by pruning axis.
+
+Counts matrix FLOPs (2 per multiply-add) of what ran and of what the dense model would have run
+for the same tokens:
+- per token and layer: q/k/v/o projections 2*H*(q + 2*kv) + 2*q*H, FFN 3 * 2*H*F;
+- attention: 4 * q_heads * head_dim * context per token (scores and weighted sum);
+- LM head: 2*H*V per row whose logits were computed (the same pruned or dense).
+Savings go to the axis that made them: dropped layers to depth, fewer heads/channels to width,
+fewer attended tokens to length; the cost of pruning decisions (exit classifiers, importance
+scores) is added to the executed side, so a saved fraction is never flattering.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import ModelConfig
+
+AXES = ("depth", "width", "length")
+
+
+@dataclass
+class FlopCount:
+    executed: float = 0.0
+    dense: float = 0.0
+    saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(AXES, 0.0))
+
+    def add(self, other: "FlopCount") -> None:
+        self.executed += other.executed
+        self.dense += other.dense
+        for axis in AXES:
+            self.saved[axis] += other.saved[axis]
+
+    def summary(self) -> dict:
+        """The `usage.pruning` object: executed vs dense FLOPs and the saved fraction per axis."""
+        dense = self.dense or 1.0
+        return {
+            "executed_flops": self.executed,
+            "dense_flops": self.dense,
+            "saved_flops": dict(self.saved),
+            "saved_fraction": {axis: self.saved[axis] / dense for axis in AXES},
+            "total_saved_fraction": 1.0 - self.executed / dense,
+        }
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> "FlopCount":
+        return cls(summary["executed_flops"], summary["dense_flops"], dict(summary["saved_flops"]))
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One `usage.pruning` for several engine requests (a multi-prompt completion): FLOPs summed,
+    fractions recomputed from the sums."""
+    summaries = [s for s in summaries if s]
+    if not summaries:
+        return {}
+    total = FlopCount()
+    for s in summaries:
+        total.add(FlopCount.from_summary(s))
+    return total.summary()
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+class FlopCounter:
+    """Per-sequence step FLOPs for a model whose present layers have `shapes` (None = dropped)."""
+
+    def __init__(self, config: ModelConfig, shapes: list[LayerShape | None]) -> None:
+        self.config = config
+        h, d = config.hidden_size, config.head_dim
+        dense_shape = LayerShape(config.num_heads, config.num_kv_heads, config.intermediate_size)
+        self.dense_linear = self._linear(dense_shape) * config.num_layers
+        self.dense_attn_coef = 4 * config.num_heads * d * config.num_layers
+        present = [s for s in shapes if s is not None]
+        self.linear = sum(self._linear(s) for s in present)
+        self.attn_coef = 4 * d * sum(s.num_heads for s in present)
+        # What the dropped layers would have cost, per token and per unit of context.
+        dropped = config.num_layers - len(present)
+        self.depth_linear = self._linear(dense_shape) * dropped
+        self.depth_attn_coef = 4 * config.num_heads * d * dropped
+        self.lm_head = 2 * h * config.vocab_size
+
+    def _linear(self, s: LayerShape) -> int:
+        h, d = self.config.hidden_size, self.config.head_dim
+        q, kv = s.num_heads * d, s.num_kv_heads * d
+        return 2 * h * (q + 2 * kv) + 2 * q * h + 6 * h * s.intermediate_size
+
+    def step(self, num_new_tokens: int, context_end: int, num_logit_rows: int,
+             attended: float | None = None) -> FlopCount:
+        """FLOPs of one sequence's step: `num_new_tokens` ending at position `context_end` - 1.
+
+        attended: key positions the new tokens actually attended in total (after length pruning);
+        None = all of them (dense length).
+        """
+        start = context_end - num_new_tokens
+        context_sum = num_new_tokens * (start + context_end + 1) / 2      # sum of (position + 1)
+        attended = context_sum if attended is None else attended
+        head = num_logit_rows * self.lm_head
+        dense = num_new_tokens * self.dense_linear + self.dense_attn_coef * context_sum + head
+        executed = num_new_tokens * self.linear + self.attn_coef * attended + head
+        depth = num_new_tokens * self.depth_linear + self.depth_attn_coef * context_sum
+        length = self.attn_coef * (context_sum - attended)
+        width = dense - executed - depth - length
+        return FlopCount(executed, dense, {"depth": depth, "width": width, "length": length})

@@ -1,0 +1,214 @@
+"""Calibration: run the dense model over text, collect what every axis needs, write plans.
+
+Statistics (one pass, through the engine's own forward code, via hooks):
+- width: per channel of the o_proj input (attention heads) and of the down_proj input (FFN), the
+  mean and variance over calibration tokens (FLAP's fluctuation metric);
+- depth: Block Influence per layer, BI = 1 - mean cos(x_in, x_out).
+Width importance of a channel = variance * squared norm of its weight column; a head scores the
+sum over its channels. Scores are standardized per layer and pruned globally, so the budget
+spreads non-uniformly across layers. Removed channels' mean contribution becomes a bias.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from engine.llm import LLM
+from engine.pruning.plan import LayerPlan, PruningPlan
+from engine.pruning.profiles import profile_dir
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+WIDTH_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+PROFILE_LIMITS = {"balanced": 1.10, "aggressive": 1.30}   # max perplexity ratio to dense
+
+
+class RunningMoments:
+    """Per-channel mean and variance over rows, accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.count, self.total, self.total_sq = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().double().reshape(-1, x.shape[-1])
+        s, sq = x.sum(0), (x * x).sum(0)
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.total_sq / self.count - self.mean ** 2).clamp_min(0)
+
+
+@dataclass
+class LayerStats:
+    attn_in: RunningMoments      # o_proj input, [num_heads * head_dim]
+    ffn_in: RunningMoments       # down_proj input, [intermediate]
+    cos_sum: float = 0.0         # sum over tokens of cos(x_in, x_out)
+    tokens: int = 0
+
+
+def collect_stats(llm: LLM, windows: list[list[int]]) -> list[LayerStats]:
+    model = llm.engine.model
+    stats = [LayerStats(RunningMoments(), RunningMoments()) for _ in model.layers]
+    hooks = []
+    for layer, st in zip(model.layers, stats):
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, st=st: st.attn_in.add(a[0])))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, st=st: st.ffn_in.add(a[0])))
+
+        def block_influence(m, args, out, st=st):
+            st.cos_sum += torch.nn.functional.cosine_similarity(args[0].double(), out.double(), dim=-1).sum().item()
+            st.tokens += out.shape[0]
+        hooks.append(layer.register_forward_hook(block_influence))
+    try:
+        for window in tqdm(windows, desc="calibrating", unit="window"):
+            llm.generate([window], SamplingParams(max_tokens=0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def importance(llm: LLM, stats: list[LayerStats]) -> dict:
+    """Per-layer head scores, channel scores, compensation means, and BI (JSON-ready lists)."""
+    cfg = llm.engine.model_config
+    layers = []
+    for layer, st in zip(llm.engine.model.layers, stats):
+        w_o = layer.self_attn.o_proj.weight.detach().double()       # [hidden, q_size]
+        w_down = layer.mlp.down_proj.weight.detach().double()       # [hidden, intermediate]
+        head_channel = st.attn_in.var * w_o.pow(2).sum(0)
+        layers.append({
+            "head_scores": head_channel.view(cfg.num_heads, cfg.head_dim).sum(1).tolist(),
+            "channel_scores": (st.ffn_in.var * w_down.pow(2).sum(0)).tolist(),
+            "attn_in_mean": st.attn_in.mean.tolist(),
+            "ffn_in_mean": st.ffn_in.mean.tolist(),
+            "block_influence": 1.0 - st.cos_sum / max(st.tokens, 1),
+        })
+    return {"model": PruningPlan.fingerprint(cfg), "layers": layers}
+
+
+def _standardized(scores: list[list[float]]) -> list[torch.Tensor]:
+    out = []
+    for s in scores:
+        t = torch.tensor(s, dtype=torch.float64)
+        out.append((t - t.mean()) / (t.std() + 1e-12) if t.numel() > 1 else torch.zeros_like(t))
+    return out
+
+
+def _global_keep(scores: list[list[float]], fraction: float, min_keep: int) -> list[list[int]]:
+    """Indices kept per layer after dropping the globally lowest `fraction` of standardized scores."""
+    z = _standardized(scores)
+    flat = torch.cat(z)
+    num_drop = int(round(fraction * flat.numel()))
+    keep = [list(range(len(s))) for s in scores]
+    if num_drop == 0:
+        return keep
+    order = torch.argsort(flat, stable=True).tolist()
+    owner = [(l, i) for l, s in enumerate(scores) for i in range(len(s))]
+    dropped: list[set[int]] = [set() for _ in scores]
+    for idx in order:
+        if num_drop == 0:
+            break
+        l, i = owner[idx]
+        if len(scores[l]) - len(dropped[l]) > min_keep:
+            dropped[l].add(i)
+            num_drop -= 1
+    return [[i for i in k if i not in d] for k, d in zip(keep, dropped)]
+
+
+def width_plan(imp: dict, llm: LLM, fraction: float, name: str) -> PruningPlan:
+    """Drop `fraction` of query heads and of FFN channels, spread non-uniformly across layers."""
+    cfg: ModelConfig = llm.engine.model_config
+    layers_imp = imp["layers"]
+    heads = _global_keep([l["head_scores"] for l in layers_imp], fraction, min_keep=1)
+    channels = _global_keep([l["channel_scores"] for l in layers_imp], fraction,
+                            min_keep=max(1, cfg.intermediate_size // 16))
+    layers = []
+    group = cfg.num_heads // cfg.num_kv_heads
+    for layer, li, kept_h, kept_c in zip(llm.engine.model.layers, layers_imp, heads, channels):
+        plan = LayerPlan()
+        if len(kept_h) < cfg.num_heads:
+            plan.kept_q_heads = kept_h
+            plan.kept_kv_heads = sorted({h // group for h in kept_h})
+            dropped = [h * cfg.head_dim + j for h in range(cfg.num_heads) if h not in kept_h for j in range(cfg.head_dim)]
+            w_o = layer.self_attn.o_proj.weight.detach().double()
+            mean = torch.tensor(li["attn_in_mean"], dtype=torch.float64)
+            plan.attn_bias = (w_o[:, dropped] @ mean[dropped]).tolist()
+        if len(kept_c) < cfg.intermediate_size:
+            plan.kept_ffn_channels = kept_c
+            dropped_c = sorted(set(range(cfg.intermediate_size)) - set(kept_c))
+            w_down = layer.mlp.down_proj.weight.detach().double()
+            mean = torch.tensor(li["ffn_in_mean"], dtype=torch.float64)
+            plan.ffn_bias = (w_down[:, dropped_c] @ mean[dropped_c]).tolist()
+        layers.append(plan)
+    return PruningPlan(name, PruningPlan.fingerprint(cfg), layers)
+
+
+def perplexity(llm: LLM, windows: list[list[int]]) -> float:
+    nll, count = 0.0, 0
+    for w in windows:
+        lps = llm.prompt_logprobs(w)
+        nll -= sum(lps)
+        count += len(lps)
+    return math.exp(nll / count)
+
+
+def token_windows(tokenizer, text: str, num_tokens: int, window: int, from_end: bool = False) -> list[list[int]]:
+    """Consecutive `window`-token slices covering `num_tokens`, from the start (or end) of `text`."""
+    chars = min(len(text), num_tokens * 8)
+    part = text[-chars:] if from_end else text[:chars]
+    ids = tokenizer.encode(part, add_special_tokens=False)
+    ids = ids[-num_tokens:] if from_end else ids[:num_tokens]
+    return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+
+
+def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int = 4096, window: int = 512,
+              out_dir: Path | None = None, dtype: str = "float32") -> dict:
+    """Collect statistics, write importance.json and the width sweep + named profiles; returns a report."""
+    base = EngineConfig(model=model, dtype=dtype, scheduler=SchedulerConfig(max_model_len=window + 1,
+                                                                            max_num_batched_tokens=window))
+    llm = LLM(base)
+    text = Path(data).read_text()
+    calib = token_windows(llm.tokenizer, text, num_tokens, window)
+    held_out = token_windows(llm.tokenizer, text, eval_tokens, window, from_end=True)
+    if not calib or not held_out:
+        raise ValueError(f"{data} is too short for {num_tokens} calibration + {eval_tokens} evaluation tokens")
+    imp = importance(llm, collect_stats(llm, calib))
+    out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "importance.json").write_text(json.dumps(imp))
+    dense_ppl = perplexity(llm, held_out)
+    PruningPlan.dense(llm.engine.model_config).save(out_dir / "dense.json")
+    sweep = [{"plan": "dense", "width_fraction": 0.0, "perplexity": dense_ppl, "path": str(out_dir / "dense.json")}]
+    for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
+        plan = width_plan(imp, llm, fraction, f"width-{fraction:.2f}")
+        path = out_dir / f"{plan.name}.json"
+        plan.save(path)
+        pruned = LLM(EngineConfig(model=model, dtype=dtype, plan=str(path), scheduler=base.scheduler))
+        sweep.append({"plan": plan.name, "width_fraction": fraction, "perplexity": perplexity(pruned, held_out),
+                      "path": str(path)})
+    profiles = {}
+    for profile, limit in PROFILE_LIMITS.items():
+        ok = [p for p in sweep if p["perplexity"] <= limit * dense_ppl]
+        best = max(ok, key=lambda p: p["width_fraction"])
+        plan = PruningPlan.load(Path(best["path"]))
+        plan.name = profile
+        plan.save(out_dir / f"{profile}.json")
+        profiles[profile] = best["plan"]
+    report = {"model": llm.engine.model_name, "calibration_tokens": sum(map(len, calib)),
+              "eval_tokens": sum(map(len, held_out)), "dense_perplexity": dense_ppl, "sweep": sweep,
+              "profiles": profiles, "out_dir": str(out_dir)}
+    (out_dir / "calibration.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,35 @@
+"""Where named plan profiles live, and turning `--plan` into a PruningPlan.
+
+`trident calibrate` writes `<cache>/plans/<model name>/<profile>.json`; `--plan balanced` reads it
+back. `dense` needs no calibration. Any other value is a path to a plan file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.config import ModelConfig
+from engine.loader import cache_root
+from engine.pruning.plan import PlanError, PruningPlan
+
+PROFILES = ("dense", "balanced", "aggressive")
+
+
+def profile_dir(model_name: str) -> Path:
+    return cache_root() / "plans" / Path(model_name).name
+
+
+def resolve_plan(plan: str, config: ModelConfig, model_name: str) -> PruningPlan:
+    """A validated plan from a profile name or a JSON path."""
+    if plan == "dense":
+        return PruningPlan.dense(config)
+    path = Path(plan)
+    if plan in PROFILES:
+        path = profile_dir(model_name) / f"{plan}.json"
+        if not path.exists():
+            raise PlanError(f"no {plan!r} plan for {model_name}: run `trident calibrate --model {model_name}` "
+                            f"first (it writes {path})")
+    elif not path.exists():
+        raise PlanError(f"plan {plan!r} is neither a profile ({', '.join(PROFILES)}) nor an existing file")
+    result = PruningPlan.load(path)
+    result.validate(config)
+    return result

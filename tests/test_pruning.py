@@ -1,0 +1,168 @@
+"""Pruning plans: JSON round trip, validation, exact slicing, dense identity, accounting, calibration."""
+import json
+
+import pytest
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.llm import LLM
+from engine.loader import load_checkpoint
+from engine.pruning.accounting import FlopCounter, LayerShape, merge_summaries
+from engine.pruning.apply import apply_plan
+from engine.pruning.plan import ExitPoint, LayerPlan, LengthPolicy, PlanError, PruningPlan
+from engine.sampling_params import SamplingParams
+
+PROMPTS = ["The quick brown fox jumps over", "Once upon a time there was a dragon who liked"]
+
+
+def make_llm(model, plan=None):
+    return LLM(EngineConfig(model=str(model), plan=plan, cache=CacheConfig(num_blocks=64),
+                            scheduler=SchedulerConfig(max_model_len=256)))
+
+
+def tiny_plan(config: ModelConfig) -> PruningPlan:
+    """Ragged heads (KV head 0 keeps 1 of 2 query heads, KV head 1 keeps both), a dropped KV group,
+    channels and biases; every construct the width axis uses."""
+    plan = PruningPlan.dense(config)
+    g = torch.Generator().manual_seed(0)
+    bias = lambda: (0.01 * torch.randn(config.hidden_size, generator=g)).tolist()
+    plan.layers[0] = LayerPlan(kept_q_heads=[3, 1, 2], kept_kv_heads=[0, 1],
+                               kept_ffn_channels=list(range(0, 96, 2)), attn_bias=bias(), ffn_bias=bias())
+    plan.layers[1] = LayerPlan(kept_q_heads=[2, 3], kept_kv_heads=[1])
+    plan.layers[2] = LayerPlan(kept_ffn_channels=[5, 1, 7, 60])
+    return plan
+
+
+def test_plan_json_round_trip(tmp_path, tiny_model_dir):
+    config = load_checkpoint(str(tiny_model_dir)).config
+    plan = tiny_plan(config)
+    plan.layers[3].exit = ExitPoint(threshold=0.9, probe_weight=[0.0] * config.hidden_size)
+    plan.length = LengthPolicy(prefill_keep=[(2, 0.5)], decode_sinks=4, decode_recent=64, decode_heavy=32)
+    plan.save(tmp_path / "p.json")
+    loaded = PruningPlan.load(tmp_path / "p.json")
+    assert loaded == plan
+    loaded.validate(config)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.layers[0].__setattr__("kept_q_heads", [4]), "query head 4 is out of range"),
+    (lambda p: p.layers[0].__setattr__("kept_q_heads", [0, 2]) or p.layers[0].__setattr__("kept_kv_heads", [1]),
+     "query head 0 is kept but its KV head 0 is dropped"),
+    (lambda p: p.layers[1].__setattr__("kept_ffn_channels", [0, 96]), "FFN channel 96 is out of range"),
+    (lambda p: p.layers[1].__setattr__("ffn_bias", [0.0] * 3), "ffn_bias has 3 values, hidden size is 64"),
+    (lambda p: p.layers.pop(), "plan has 3 layers, model has 4"),
+    (lambda p: p.model.__setitem__("num_heads", 8), "made for num_heads=8"),
+    (lambda p: p.layers[0].__setattr__("kept_q_heads", []), "keeps no query heads"),
+])
+def test_plan_validation_errors(edit, message, tiny_model_dir):
+    config = load_checkpoint(str(tiny_model_dir)).config
+    plan = PruningPlan.dense(config)
+    edit(plan)
+    with pytest.raises(PlanError, match=message):
+        plan.validate(config)
+
+
+def test_bad_plan_files(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        PruningPlan.load(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(PlanError, match="version 99"):
+        PruningPlan.load(tmp_path / "b.json")
+
+
+def test_dense_plan_is_bit_identical(tiny_model_dir):
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3)
+    plain = make_llm(tiny_model_dir).generate(PROMPTS, params)
+    dense = make_llm(tiny_model_dir, plan="dense").generate(PROMPTS, params)
+    for a, b in zip(plain, dense):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs          # exact, not approximately
+    assert dense[0].pruning["total_saved_fraction"] == 0.0
+
+
+def test_sliced_model_equals_zeroed_dense_model(tmp_path, tiny_model_dir):
+    """Slicing must equal zeroing the dropped heads/channels' weights and adding the biases."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = load_checkpoint(str(tiny_model_dir))
+    plan = tiny_plan(ckpt.config)
+    plan.save(tmp_path / "plan.json")
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    d = ckpt.config.head_dim
+    for i, layer in enumerate(plan.layers):
+        p = f"model.layers.{i}."
+        if layer.kept_q_heads is not None:
+            for h in set(range(4)) - set(layer.kept_q_heads):
+                state[p + "self_attn.o_proj.weight"][:, h * d:(h + 1) * d] = 0
+        if layer.kept_ffn_channels is not None:
+            drop = sorted(set(range(96)) - set(layer.kept_ffn_channels))
+            state[p + "mlp.down_proj.weight"][:, drop] = 0
+        if layer.attn_bias is not None:
+            state[p + "self_attn.o_proj.bias"] = torch.tensor(layer.attn_bias)
+        if layer.ffn_bias is not None:
+            state[p + "mlp.down_proj.bias"] = torch.tensor(layer.ffn_bias)
+    zeroed = tmp_path / "zeroed"
+    zeroed.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "model.safetensors":
+            (zeroed / f.name).write_bytes(f.read_bytes())
+    save_file(state, str(zeroed / "model.safetensors"))
+
+    sliced, reference = make_llm(tiny_model_dir, plan=str(tmp_path / "plan.json")), make_llm(zeroed)
+    layers = sliced.engine.model.layers
+    assert [l.self_attn.num_heads for l in layers] == [3, 2, 4, 4]
+    assert layers[0].self_attn.virtual_q_heads.tolist() == [1, 2, 3]
+    assert [l.self_attn.num_kv_heads for l in layers] == [2, 1, 2, 2]
+    assert layers[2].mlp.intermediate_size == 4
+    for prompt in PROMPTS:
+        ids = sliced.tokenizer.encode(prompt)
+        torch.testing.assert_close(torch.tensor(sliced.prompt_logprobs(ids)),
+                                   torch.tensor(reference.prompt_logprobs(ids)), atol=1e-5, rtol=1e-5)
+
+
+def test_dropped_layer_and_usage_accounting(tmp_path, tiny_model_dir):
+    config = load_checkpoint(str(tiny_model_dir)).config
+    plan = PruningPlan.dense(config)
+    plan.layers[3].keep = False
+    plan.save(tmp_path / "p.json")
+    llm = make_llm(tiny_model_dir, plan=str(tmp_path / "p.json"))
+    assert len(llm.engine.model.layers) == 3
+    out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    saved = out.pruning["saved_fraction"]
+    assert saved["width"] == pytest.approx(0.0, abs=1e-12) and saved["length"] == 0.0
+    assert 0.1 < saved["depth"] < 0.25      # a quarter of the layers, minus the LM head's share
+
+
+def test_flop_formulas_by_hand():
+    cfg = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=6, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=2)
+    counter = FlopCounter(cfg, [LayerShape(2, 1, 3), None])
+    # Pruned layer: q=4, kv=2 -> qkv 2*8*(4+4)=128, o 2*4*8=64, ffn 6*8*3=144 -> 336 per token.
+    # Dense layer: q=8, kv=4 -> 2*8*16=256, 2*8*8=128, 6*8*6=288 -> 672 per token.
+    # Tokens at positions 3 and 4 attend to 4 and 5 keys: sum 9. Attention 4*heads*2 per key.
+    c = counter.step(num_new_tokens=2, context_end=5, num_logit_rows=1)
+    head = 2 * 8 * 10
+    assert c.executed == 2 * 336 + 4 * 2 * 2 * 9 + head
+    assert c.dense == 2 * 2 * 672 + 4 * 4 * 2 * 2 * 9 + head
+    assert c.saved["depth"] == 2 * 672 + 4 * 4 * 2 * 9
+    assert c.saved["width"] == 2 * (672 - 336) + 4 * 2 * 2 * 9
+    assert c.executed + sum(c.saved.values()) == c.dense
+    merged = merge_summaries([c.summary(), c.summary()])
+    assert merged["dense_flops"] == 2 * c.dense
+    assert merged["saved_fraction"]["depth"] == pytest.approx(c.saved["depth"] / c.dense)
+
+
+def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_dir):
+    from engine.pruning.calibrate import calibrate
+
+    text = " ".join(["The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon."] * 60)
+    (tmp_path / "text.txt").write_text(text)
+    runs = [calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=256, eval_tokens=128, window=64,
+                      out_dir=tmp_path / f"run{i}") for i in range(2)]
+    assert runs[0]["sweep"] == [{**p, "path": p["path"].replace("run1", "run0")} for p in runs[1]["sweep"]]
+    for name in ("importance.json", "dense.json", "balanced.json", "aggressive.json", "width-0.50.json"):
+        assert (tmp_path / "run0" / name).read_text() == (tmp_path / "run1" / name).read_text()
+    half = PruningPlan.load(tmp_path / "run0" / "width-0.50.json")
+    assert sum(len(l.kept_q_heads or range(4)) for l in half.layers) == 8    # half of 4 layers x 4 heads
+    assert runs[0]["sweep"][-1]["perplexity"] > runs[0]["dense_perplexity"]

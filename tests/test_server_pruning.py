@@ -1,0 +1,49 @@
+"""A server started with a pruning plan reports usage.pruning and per-axis savings in /metrics."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from engine.loader import load_checkpoint
+from engine.pruning.plan import LayerPlan, PruningPlan
+from tests.test_server import MODEL_NAME, RemoteServer
+
+
+@pytest.fixture(scope="module")
+def pruned_server(tiny_model_dir, tmp_path_factory):
+    config = load_checkpoint(str(tiny_model_dir)).config
+    plan = PruningPlan.dense(config)
+    plan.layers[3].keep = False
+    plan.layers[1] = LayerPlan(kept_q_heads=[0, 1], kept_ffn_channels=list(range(48)))
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan.save(path)
+    server = RemoteServer(tiny_model_dir, path.with_suffix(".log"), "--plan", str(path))
+    yield server
+    server.stop()
+
+
+def test_usage_carries_pruning_and_metrics_split_savings(pruned_server):
+    client = openai.OpenAI(base_url=f"{pruned_server.url}/v1", api_key="unused")
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=5, temperature=0)
+    pruning = chat.usage.model_extra["pruning"]
+    assert pruning["executed_flops"] < pruning["dense_flops"]
+    assert pruning["saved_fraction"]["depth"] > 0 and pruning["saved_fraction"]["width"] > 0
+    assert pruning["saved_fraction"]["length"] == 0
+    stream = client.completions.create(model=MODEL_NAME, prompt="Once upon", max_tokens=4, stream=True,
+                                       stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage is not None][-1]
+    assert usage.model_extra["pruning"]["total_saved_fraction"] > 0
+    text = httpx.get(f"{pruned_server.url}/metrics").text
+    depth = [l for l in text.splitlines() if l.startswith('trident_pruning_saved_seconds_total{axis="depth"}')]
+    assert depth and float(depth[0].split()[-1]) > 0
+
+
+def test_bad_plan_fails_fast(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "server", "serve", "--plan", str(tmp_path / "missing.json")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "missing.json" in result.stderr
