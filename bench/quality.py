@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run single-server quality or a sweep; return 0, or 1 with a message on bad input or server errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["width-sweep"]:            # in-process, no server: bench/width_sweep.py
+        from bench.width_sweep import main as width_sweep_main
+        return width_sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.save_reference and not args.reference:
         print("error: --save-reference needs --reference FILE", file=sys.stderr)

@@ -58,6 +58,7 @@ class CacheConfig:
     block_size: int = 16                 # tokens per KV block
     num_blocks: int | None = None        # explicit block count; None = derive from kv_cache_memory
     kv_cache_memory: int = 1 << 30       # bytes for K and V of all layers, used when num_blocks is None
+    enable_prefix_caching: bool = True   # share full blocks of identical prefixes across requests
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -59,7 +59,7 @@ class LLMEngine:
             state = apply_plan(state, ckpt.config, self.plan)
         self.model = LlamaModel.from_hf_state_dict(ckpt.config, state, self.max_model_len, dtype, self.device)
         kv_caches, num_blocks = self._allocate_kv_cache(dtype)
-        self.block_manager = BlockManager(num_blocks, config.cache.block_size)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         shapes: list[LayerShape | None] = [None] * ckpt.config.num_layers
         for layer in self.model.layers:

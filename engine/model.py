@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:   # one fused op; the same math as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalize in float32, scale in the model dtype: the HF reference does the same.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -63,12 +65,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)   # [P, D/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, D]; rotate the two halves of each head by the position's angles.
-        cos = self.cos[positions].unsqueeze(1)                      # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] of a step's positions, gathered once and shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, H, D]; rotate the two halves of each head by the position's angles."""
+    cos, sin = angles
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -86,14 +92,16 @@ class Attention(nn.Module):
                              if spec.ragged_groups else None)
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # q and k heads sit side by side in qkv: rotate them in one call.
+        qk = apply_rotary(qkv[:, :q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads,
+                                                         self.head_dim), angles)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if self.virtual_q_heads is None:
@@ -157,8 +165,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, spec.intermediate_size, spec.ffn_out_bias)
 
-    def forward(self, x, rotary, positions, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, positions, meta, kv_cache)
+    def forward(self, x, angles, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), angles, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -179,8 +187,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                                # [T, hidden]
+        angles = self.rotary.angles(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, self.rotary, positions, meta, kv_cache)
+            x = layer(x, angles, meta, kv_cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

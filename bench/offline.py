@@ -1,0 +1,211 @@
+"""Offline throughput: Trident against HF transformers (and llama.cpp if installed) on the same
+weights and dtype, in one run.
+
+    python -m bench.offline [--model smollm2-135m-instruct] [--dtype float32|bfloat16] [--json out.json]
+
+Figures: batch-1 decode tok/s, aggregate decode tok/s with 16 concurrent requests, prefill tok/s on
+a 1024-token prompt, time to ready; plus achieved GB/s of weight reads at batch 1 against a
+measured memory-copy bandwidth. Decode rates subtract a 1-token run, so they exclude prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig, SchedulerConfig
+from engine.llm import LLM
+from engine.loader import resolve_model_path
+from engine.sampling_params import SamplingParams
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Memory-copy bandwidth (bytes read + written per second), best of `repeats`."""
+    src = torch.empty(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def prompts_from_wikitext(data_dir: Path, tokenizer, num: int, length: int) -> list[list[int]]:
+    """`num` distinct prompts of exactly `length` tokens from WikiText-2."""
+    ids = tokenizer.encode((data_dir / "wikitext2-valid.txt").read_text()[: 400 * num * length // 50],
+                           add_special_tokens=False)
+    if len(ids) < num * length:
+        raise SystemExit(f"not enough WikiText tokens for {num} prompts of {length}")
+    return [ids[i * length:(i + 1) * length] for i in range(num)]
+
+
+class TridentRunner:
+    name = "trident"
+
+    def __init__(self, model: str, dtype: str) -> None:
+        self.ready_s = timed(lambda: setattr(self, "llm", LLM(EngineConfig(
+            model=model, dtype=dtype, scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_model_len=2048)))))
+        self.tokenizer = self.llm.tokenizer
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+        assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+
+
+class HFRunner:
+    name = "transformers"
+
+    def __init__(self, model_path: Path, dtype: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"gguf_file": model_path.name} if model_path.suffix == ".gguf" else {}
+        where = model_path.parent if model_path.suffix == ".gguf" else model_path
+
+        def load():
+            self.model = AutoModelForCausalLM.from_pretrained(str(where), dtype=getattr(torch, dtype), **kwargs).eval()
+        self.ready_s = timed(load)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        ids = torch.tensor(prompts)   # equal lengths: no padding needed
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + new_tokens
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, model_path: Path) -> None:
+        from llama_cpp import Llama
+
+        self.ready_s = timed(lambda: setattr(self, "llm", Llama(model_path=str(model_path), n_ctx=2048,
+                                                                 n_batch=2048, verbose=False)))
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        if len(prompts) > 1:
+            raise NotImplementedError("llama-cpp-python has no batched generate")
+        for i, _ in enumerate(self.llm.generate(prompts[0], temp=0.0, reset=True)):
+            if i + 1 == new_tokens:
+                break
+
+
+def measure(runner, prompts: "PromptSets", decode_tokens: int, batch_tokens: int) -> dict:
+    """Every timed run uses prompts no earlier run saw, so no cache (prefix or otherwise) helps."""
+    runner.generate(prompts.warmup, 4)
+    one = timed(lambda: runner.generate(prompts.single[0], 1))
+    full = timed(lambda: runner.generate(prompts.single[1], decode_tokens + 1))
+    result = {"ready_s": runner.ready_s, "decode_b1_tok_s": decode_tokens / (full - one)}
+    try:
+        one16 = timed(lambda: runner.generate(prompts.batch[0], 1))
+        full16 = timed(lambda: runner.generate(prompts.batch[1], batch_tokens + 1))
+        result["decode_batch_tok_s"] = len(prompts.batch[0]) * batch_tokens / (full16 - one16)
+    except NotImplementedError:
+        result["decode_batch_tok_s"] = None
+    prefill = min(timed(lambda: runner.generate([p], 1)) for p in prompts.long)
+    result["prefill_tok_s"] = len(prompts.long[0]) / prefill
+    return result
+
+
+@dataclass
+class PromptSets:
+    warmup: list[list[int]]
+    single: list[list[list[int]]]     # two one-prompt sets
+    batch: list[list[list[int]]]      # two sets of `batch` prompts
+    long: list[list[int]]             # two long prompts
+
+    @classmethod
+    def from_wikitext(cls, data_dir: Path, tokenizer, batch: int, prefill_len: int) -> "PromptSets":
+        short = prompts_from_wikitext(data_dir, tokenizer, 3 + 2 * batch + 2 * prefill_len // 32, 32)
+        long = [sum(short[3 + 2 * batch + i * prefill_len // 32:3 + 2 * batch + (i + 1) * prefill_len // 32], [])
+                for i in range(2)]
+        return cls(short[:1], [short[1:2], short[2:3]], [short[3:3 + batch], short[3 + batch:3 + 2 * batch]], long)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch-tokens", type=int, default=32)
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", type=Path, help="write results here")
+    args = ap.parse_args(argv)
+
+    model_path = resolve_model_path(args.model)
+    trident = TridentRunner(args.model, args.dtype)
+    prompts = PromptSets.from_wikitext(args.data_dir, trident.tokenizer, args.batch, args.prefill_len)
+    runners = [trident]
+    if not args.skip_hf:
+        runners.append(HFRunner(model_path, args.dtype))
+    if model_path.suffix == ".gguf":
+        try:
+            runners.append(LlamaCppRunner(model_path))
+        except ImportError:
+            pass
+
+    results = {}
+    for r in runners:
+        results[r.name] = measure(r, prompts, args.decode_tokens, args.batch_tokens)
+        print(f"measured {r.name}", flush=True)
+    cfg = trident.llm.engine.model_config
+    weight_bytes = cfg.num_params * torch.finfo(getattr(torch, args.dtype)).bits // 8
+    copy_gbs = copy_bandwidth_gbs()
+    for name, res in results.items():
+        res["weight_read_gb_s_b1"] = weight_bytes * res["decode_b1_tok_s"] / 1e9 if name != "llama.cpp" else None
+    report = {
+        "command": "python -m bench.offline " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "batch": args.batch, "prefill_len": args.prefill_len,
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "weight_bytes": weight_bytes, "copy_bandwidth_gb_s": copy_gbs, "results": results,
+    }
+    if "transformers" in results:
+        base = results["transformers"]
+        report["ratios_vs_transformers"] = {
+            k: results["trident"][k] / base[k] for k in ("decode_b1_tok_s", "decode_batch_tok_s", "prefill_tok_s")
+        }
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_table(report: dict) -> None:
+    rows = [("time to ready (s)", "ready_s", "{:.2f}"), ("decode batch 1 (tok/s)", "decode_b1_tok_s", "{:.1f}"),
+            (f"decode {report['batch']} concurrent (tok/s)", "decode_batch_tok_s", "{:.1f}"),
+            (f"prefill {report['prefill_len']} tokens (tok/s)", "prefill_tok_s", "{:.0f}"),
+            ("weight reads at batch 1 (GB/s)", "weight_read_gb_s_b1", "{:.1f}")]
+    names = list(report["results"])
+    print(f"\n{report['model']} {report['dtype']}, {report['threads']} threads, "
+          f"memory copy {report['copy_bandwidth_gb_s']:.1f} GB/s")
+    print("| metric | " + " | ".join(names) + (" | trident / transformers |" if "transformers" in names else " |"))
+    print("|---" * (len(names) + 1 + ("transformers" in names)) + "|")
+    for label, key, fmt in rows:
+        cells = [fmt.format(report["results"][n][key]) if report["results"][n].get(key) is not None else "n/a"
+                 for n in names]
+        ratio = report.get("ratios_vs_transformers", {}).get(key)
+        print(f"| {label} | " + " | ".join(cells) + (f" | {ratio:.2f}x |" if ratio else (" | |" if "transformers" in names else " |")))
+
+
+if __name__ == "__main__":
+    main()

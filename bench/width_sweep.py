@@ -1,0 +1,134 @@
+"""In-process width sweep: quality against measured speed for every width plan of a calibration.
+
+    python -m bench.quality width-sweep [--model smollm2-135m-instruct] [--plans-dir DIR]
+
+For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
+end of WikiText-2 (calibration reads the start), greedy token agreement with dense on Alpaca
+instructions, and prefill and decode tok/s measured in this same run. Writes a markdown table,
+JSON and a PNG plot of quality against speed with the Pareto front.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.agreement import prefix_agreement
+from bench.pareto import pareto_front
+from engine.config import EngineConfig, SchedulerConfig
+from engine.llm import LLM
+from engine.pruning.calibrate import perplexity, token_windows
+from engine.pruning.profiles import profile_dir
+from engine.sampling_params import SamplingParams
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s over all prompts at once, aggregate decode tok/s of the same batch)."""
+    greedy = dict(temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, **greedy))              # warm-up
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
+    prefill_s = time.perf_counter() - t
+    # Shift every prompt by one token so the prefix cache cannot reuse the run above.
+    shifted = [p[1:] + p[:1] for p in prompts]
+    t = time.perf_counter()
+    llm.generate(shifted, SamplingParams(max_tokens=decode_tokens + 1, **greedy))
+    decode_s = time.perf_counter() - t - prefill_s
+    return sum(map(len, prompts)) / prefill_s, len(prompts) * decode_tokens / decode_s
+
+
+def evaluate(model: str, plan: str | None, held_out, instructions, speed_prompts, args) -> dict:
+    llm = LLM(EngineConfig(model=model, plan=plan, scheduler=SchedulerConfig(
+        max_model_len=args.window + args.max_tokens + 64, max_num_batched_tokens=args.window * 4)))
+    chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": i}]) for i in instructions]
+    outs = llm.generate(chats, SamplingParams(max_tokens=args.max_tokens, temperature=0))
+    prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens)
+    return {"perplexity": perplexity(llm, held_out(llm.tokenizer)), "prefill_tok_s": prefill,
+            "decode_tok_s": decode, "greedy": [o.outputs[0].token_ids for o in outs]}
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "prefill_tok_s", "prefill tok/s"), (axes[1], "decode_tok_s", "decode tok/s")):
+        xs, ys = [p[key] for p in points], [p["perplexity"] for p in points]
+        ax.scatter(xs, ys, zorder=2)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(f"{p['plan']} ({p['agreement']:.2f})", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        front = sorted((x, y) for (x, y), on in zip(zip(xs, ys), pareto_front(list(zip(xs, ys)), (True, False))) if on)
+        ax.plot(*zip(*front), color="tab:red", marker="*", label="Pareto front", zorder=3)
+        ax.set_xlabel(f"{label} (measured, same run)")
+        ax.set_ylabel("held-out perplexity (lower is better)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Width pruning: quality vs speed (labels: plan (greedy agreement with dense))")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.quality width-sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--plans-dir", type=Path, help="calibration output (default: where --plan PROFILE looks)")
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--num-prompts", type=int, default=16, help="Alpaca instructions for agreement")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--speed-batch", type=int, default=8)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
+    args = ap.parse_args(argv)
+
+    plans_dir = args.plans_dir or profile_dir(args.model)
+    plans = sorted(plans_dir.glob("width-*.json"))
+    if not plans:
+        print(f"error: no width-*.json plans in {plans_dir}; run `trident calibrate --model {args.model}`",
+              file=sys.stderr)
+        return 1
+    text = (args.data_dir / "wikitext2-valid.txt").read_text()
+    lines = (args.data_dir / "alpaca-seed-tasks.jsonl").read_text().splitlines()
+    instructions = [json.loads(l)["instruction"] for l in lines[-args.num_prompts:]]
+    held_out = lambda tok: token_windows(tok, text, args.eval_tokens, args.window, from_end=True)
+    middle = text[len(text) // 3:]
+    speed_prompts = lambda tok: token_windows(tok, middle, args.speed_batch * args.window, args.window)
+
+    points = []
+    for label, plan in [("dense", None)] + [(p.stem, str(p)) for p in plans]:
+        result = evaluate(args.model, plan, held_out, instructions, speed_prompts, args)
+        points.append({"plan": label, **result})
+        print(f"{label}: perplexity {result['perplexity']:.3f}, prefill {result['prefill_tok_s']:.0f} tok/s, "
+              f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
+    dense = points[0]
+    for p in points:
+        p["agreement"] = sum(prefix_agreement(list(map(str, a)), list(map(str, b)))
+                             for a, b in zip(dense["greedy"], p["greedy"])) / len(instructions)
+        for key in ("perplexity", "prefill_tok_s", "decode_tok_s"):
+            p[f"{key}_vs_dense"] = p[key] / dense[key]
+        del p["greedy"]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["| plan | perplexity | vs dense | agreement | prefill tok/s | vs dense | decode tok/s | vs dense |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        rows.append(f"| {p['plan']} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | {p['agreement']:.2f} | "
+                    f"{p['prefill_tok_s']:.0f} | {p['prefill_tok_s_vs_dense']:.2f}x | {p['decode_tok_s']:.1f} | "
+                    f"{p['decode_tok_s_vs_dense']:.2f}x |")
+    table = "\n".join(rows) + "\n"
+    print(table)
+    (args.output_dir / "width_sweep.md").write_text(table)
+    (args.output_dir / "width_sweep.json").write_text(json.dumps(
+        {"command": "python -m bench.quality width-sweep " + " ".join(argv or []), "points": points}, indent=1))
+    plot(points, args.output_dir / "width_sweep.png")
+    print(f"wrote {args.output_dir}/width_sweep.{{md,json,png}}")
+    return 0
