@@ -11,10 +11,12 @@ length-pruning policy can later keep an arbitrary subset of slots without renumb
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kernels.backend import use_triton
 
 
 @dataclass
@@ -27,6 +29,10 @@ class AttentionMetadata:
     key_slots: torch.Tensor         # [S, L] int64: cache slots of each sequence's keys, padded with 0
     key_positions: torch.Tensor     # [S, L] int64: original positions of those keys, -1 for padding
     is_decode: bool                 # every sequence has exactly one new token
+    # Tensors the kernel launchers derive from the fields above (key lengths, tile tables), built
+    # on first use and shared by every layer of the step. An entry is rebuilt when the field it
+    # came from is reassigned; fields are never edited in place.
+    derived: dict[str, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -102,8 +108,17 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Checked entry point used by the model; see `paged_attention_ref` for the math."""
+                    meta: AttentionMetadata, scale: float, kept_q_heads: torch.Tensor | None = None,
+                    key_mass: torch.Tensor | None = None, mass_window: int = 1) -> torch.Tensor:
+    """Checked entry point used by the model; see `paged_attention_ref` for the math.
+
+    Runs the Triton kernels where `use_triton(q)` (the decode kernel when meta.is_decode), torch
+    otherwise. Pruning extras, both optional: `kept_q_heads` [Hk] computes only those query heads
+    (head h reads KV head h // G) and returns [T, Hk, D]; `key_mass` [S, L] float32 gets += the
+    attention mass each key receives from the last `mass_window` queries of its sequence (in
+    decode, from the one query), summed over heads. Without extras the CPU path is
+    `paged_attention_ref`; with them it is the twin next to each kernel.
+    """
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
     if q.shape[1] % k_cache.shape[1] or q.shape[2] != k_cache.shape[2]:
@@ -111,4 +126,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"{k_cache.shape[1]} / head_dim {k_cache.shape[2]}")
     if q.shape[0] != meta.query_start_loc[-1]:
         raise ValueError(f"q has {q.shape[0]} rows, metadata describes {meta.query_start_loc[-1]} tokens")
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    triton_path = use_triton(q)
+    if not triton_path and kept_q_heads is None and key_mass is None:
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    # Imported here: the kernel modules need triton, which the plain CPU path does not.
+    if meta.is_decode:
+        from kernels.decode_attention import decode_attention, decode_attention_ref
+        decode = decode_attention if triton_path else decode_attention_ref
+        return decode(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass)
+    from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+    prefill = prefill_attention if triton_path else prefill_attention_ref
+    return prefill(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass, mass_window)

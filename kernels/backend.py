@@ -19,7 +19,8 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA tensors (or anywhere under TRITON_INTERPRET=1, for tests); torch twins otherwise."""
-    if not triton_available():
+    """Triton on CUDA tensors (or anywhere under TRITON_INTERPRET=1, for tests); torch twins otherwise.
+    The device test comes first so that the CPU path never imports triton."""
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_available()

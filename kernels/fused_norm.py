@@ -1,0 +1,78 @@
+"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer.
+
+One program normalizes one row in a single read and write: the residual stream is summed,
+stored (rounded to its dtype, as the unfused model would hold it) and normalized from that
+rounded value, so the fused and unfused models see bit-identical residuals.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch import FLOAT_DTYPES, check, check_tensor, pow2_at_least
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    stride_x, stride_r, stride_o, stride_ro, hidden, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        summed = (x + residual).to(residual_out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * stride_ro + offs, summed, mask=mask)
+        x = summed.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (x * rstd * weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    check_tensor("weight", weight, 1, FLOAT_DTYPES)
+    check(weight.shape[0] == x.shape[1], f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, 2, (x.dtype,))
+        check(residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    residual_out = torch.empty_like(out) if residual is not None else out
+    if x.shape[0] > 0:
+        block = pow2_at_least(x.shape[1])
+        _rms_norm_kernel[(x.shape[0],)](
+            x, residual if residual is not None else x, weight, out, residual_out,
+            x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0),
+            residual_out.stride(0), x.shape[1], eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out, residual_out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton path. x: [T, H], weight: [H]; returns [T, H] in x's dtype:
+    out = x / sqrt(mean(x^2) + eps) * weight, computed in float32 and rounded once."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton path. x, residual: [T, H]; returns (normed, new_residual), both [T, H]:
+    new_residual = x + residual (in their dtype), normed = rms_norm(new_residual, weight, eps)."""
+    return _launch(x, residual, weight, eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Torch twin of `rms_norm`."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `add_rms_norm`."""
+    new_residual = x + residual
+    return rms_norm_ref(new_residual, weight, eps), new_residual
