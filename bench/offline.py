@@ -39,6 +39,21 @@ def copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
+@torch.inference_mode()
+def matmul_floor_s(model, batch: int, repeats: int = 5) -> float:
+    """Seconds for one pass of `batch` rows through every weight matrix of `model` and nothing
+    else: the ceiling any engine on these weights reaches (no attention, norms or overhead)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(batch, max(w.shape[1] for w in weights), dtype=weights[0].dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(x[:, :w.shape[1]], w)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -169,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = trident.llm.engine.model_config
     weight_bytes = cfg.num_params * torch.finfo(getattr(torch, args.dtype)).bits // 8
     copy_gbs = copy_bandwidth_gbs()
+    model = trident.llm.engine.model
+    floor_b1, floor_batch = matmul_floor_s(model, 1), matmul_floor_s(model, args.batch)
     for name, res in results.items():
         res["weight_read_gb_s_b1"] = weight_bytes * res["decode_b1_tok_s"] / 1e9 if name != "llama.cpp" else None
     report = {
@@ -177,6 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch, "prefill_len": args.prefill_len,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "weight_bytes": weight_bytes, "copy_bandwidth_gb_s": copy_gbs, "results": results,
+        # Weights-only matmul passes: decode can never beat these rates on this machine.
+        "ceiling_decode_b1_tok_s": 1 / floor_b1, "ceiling_decode_batch_tok_s": args.batch / floor_batch,
+        "ceiling_weight_read_gb_s": weight_bytes / floor_b1 / 1e9,
     }
     if "transformers" in results:
         base = results["transformers"]
@@ -197,7 +217,9 @@ def print_table(report: dict) -> None:
             ("weight reads at batch 1 (GB/s)", "weight_read_gb_s_b1", "{:.1f}")]
     names = list(report["results"])
     print(f"\n{report['model']} {report['dtype']}, {report['threads']} threads, "
-          f"memory copy {report['copy_bandwidth_gb_s']:.1f} GB/s")
+          f"memory copy {report['copy_bandwidth_gb_s']:.1f} GB/s; weights-only matmul ceiling: "
+          f"batch 1 {report['ceiling_decode_b1_tok_s']:.1f} tok/s ({report['ceiling_weight_read_gb_s']:.1f} GB/s), "
+          f"batch {report['batch']} {report['ceiling_decode_batch_tok_s']:.0f} tok/s")
     print("| metric | " + " | ".join(names) + (" | trident / transformers |" if "transformers" in names else " |"))
     print("|---" * (len(names) + 1 + ("transformers" in names)) + "|")
     for label, key, fmt in rows:

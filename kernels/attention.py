@@ -98,12 +98,19 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         lo, hi = meta.query_start_loc[s], meta.query_start_loc[s + 1]
         num_keys = int((meta.key_positions[s] >= 0).sum())
         slots = meta.key_slots[s, :num_keys]
-        keys = k_cache[slots].transpose(0, 1)                  # [Hkv, L, D]
-        values = v_cache[slots].transpose(0, 1)
-        mask = meta.key_positions[s, None, :num_keys] <= meta.query_positions[lo:hi, None]  # [n, L]
-        out[lo:hi] = F.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
-        ).transpose(0, 1)
+        # 4-D inputs: torch's CPU flash path takes them; 3-D ones fall back to a slower kernel.
+        keys = k_cache[slots].transpose(0, 1).unsqueeze(0)      # [1, Hkv, L, D]
+        values = v_cache[slots].transpose(0, 1).unsqueeze(0)
+        queries = q[lo:hi].transpose(0, 1).unsqueeze(0)          # [1, Hq, n, D]
+        key_pos, query_pos = meta.key_positions[s, :num_keys], meta.query_positions[lo:hi]
+        if torch.equal(key_pos, query_pos):      # a whole prompt from position 0: plain causal
+            attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale,
+                                                  enable_gqa=gqa)
+        else:
+            mask = key_pos[None, :] <= query_pos[:, None]        # [n, L]
+            attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
+                                                  enable_gqa=gqa)
+        out[lo:hi] = attn[0].transpose(0, 1)
     return out
 
 
