@@ -42,7 +42,7 @@ def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float
 
 
 def evaluate(model: str, plan: str | None, held_out, instructions, speed_prompts, args) -> dict:
-    llm = LLM(EngineConfig(model=model, plan=plan, scheduler=SchedulerConfig(
+    llm = LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, scheduler=SchedulerConfig(
         max_model_len=args.window + args.max_tokens + 64, max_num_batched_tokens=args.window * 4)))
     chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": i}]) for i in instructions]
     outs = llm.generate(chats, SamplingParams(max_tokens=args.max_tokens, temperature=0))
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.quality width-sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--plans-dir", type=Path, help="calibration output (default: where --plan PROFILE looks)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     for label, plan in [("dense", None)] + [(p.stem, str(p)) for p in plans]:
         result = evaluate(args.model, plan, held_out, instructions, speed_prompts, args)
-        points.append({"plan": label, **result})
+        points.append({"plan": label, "dtype": args.dtype, **result})
         print(f"{label}: perplexity {result['perplexity']:.3f}, prefill {result['prefill_tok_s']:.0f} tok/s, "
               f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
     dense = points[0]

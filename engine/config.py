@@ -98,8 +98,20 @@ class EngineConfig:
 
     @property
     def resolved_dtype(self) -> str:
-        """`auto` picks by measurement: bfloat16 halves bytes read on GPUs; on CPUs without bf16
-        matrix units torch's bf16 GEMV runs no faster than float32 (bench/offline.py), so float32."""
+        """`auto` picks by measurement (bench/offline.py): bfloat16 on GPUs and on CPUs with bf16
+        matrix units (AMX / AVX512-BF16: 3.3x prefill and 1.7x 16-way decode over float32, batch-1
+        decode within 7%); float32 on other CPUs, where bf16 matmuls are emulated and slower."""
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.device.startswith("cuda") or cpu_has_bf16_matmul():
+            return "bfloat16"
+        return "float32"
+
+
+def cpu_has_bf16_matmul() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags

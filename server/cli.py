@@ -39,7 +39,7 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--api-key", default=os.environ.get("TRIDENT_API_KEY"),
         help="require `Authorization: Bearer KEY` (default: $TRIDENT_API_KEY; unset = open)")
     add("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV cache dtype (default auto: float32 on CPU, bfloat16 on CUDA)")
+        help="weights and KV cache dtype (default auto: bfloat16 on CUDA and on CPUs with bf16 matrix units, else float32)")
     add("--plan", help="pruning plan: a profile (dense, balanced, aggressive) or a plan JSON file")
     add("--device", help="cpu or cuda (default: cuda when available)")
     add("--seed", type=int)

@@ -15,7 +15,7 @@ def hf_model(path):
 
 
 def make_llm(model, **sched):
-    return LLM(EngineConfig(model=str(model), cache=CacheConfig(num_blocks=64),
+    return LLM(EngineConfig(model=str(model), dtype="float32", cache=CacheConfig(num_blocks=64),
                             scheduler=SchedulerConfig(max_model_len=256, **sched)))
 
 
@@ -48,7 +48,7 @@ def test_preemption_recomputes_to_the_same_tokens(tiny_model_dir):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     roomy = make_llm(tiny_model_dir).generate(PROMPTS * 2, params)
     # 8 blocks of 16 tokens cannot hold six growing sequences: the scheduler must preempt.
-    tight = LLM(EngineConfig(model=str(tiny_model_dir), cache=CacheConfig(num_blocks=8),
+    tight = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", cache=CacheConfig(num_blocks=8),
                              scheduler=SchedulerConfig(max_model_len=64)))
     outs = tight.generate(PROMPTS * 2, params)
     assert tight.engine.scheduler.num_preemptions > 0

@@ -16,7 +16,7 @@ PROMPTS = ["The quick brown fox jumps over", "Once upon a time there was a drago
 
 
 def make_llm(model, plan=None):
-    return LLM(EngineConfig(model=str(model), plan=plan, cache=CacheConfig(num_blocks=64),
+    return LLM(EngineConfig(model=str(model), dtype="float32", plan=plan, cache=CacheConfig(num_blocks=64),
                             scheduler=SchedulerConfig(max_model_len=256)))
 
 
