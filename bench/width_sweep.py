@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         points.append({"plan": label, "dtype": args.dtype, **result})
         print(f"{label}: perplexity {result['perplexity']:.3f}, prefill {result['prefill_tok_s']:.0f} tok/s, "
               f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
-    dense = points[0]
+    dense, reference = points[0], points[0]["greedy"]
     for p in points:
         p["agreement"] = sum(prefix_agreement(list(map(str, a)), list(map(str, b)))
-                             for a, b in zip(dense["greedy"], p["greedy"])) / len(instructions)
+                             for a, b in zip(reference, p["greedy"])) / len(instructions)
         for key in ("perplexity", "prefill_tok_s", "decode_tok_s"):
             p[f"{key}_vs_dense"] = p[key] / dense[key]
         del p["greedy"]

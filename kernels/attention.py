@@ -114,6 +114,13 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def computes_all_heads(device: torch.device | str) -> bool:
+    """Whether a kept-heads call on `device` computes every head of q (the CPU path), so honest
+    FLOP accounting counts them all."""
+    probe = torch.empty(0, device=device)
+    return not use_triton(probe)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, kept_q_heads: torch.Tensor | None = None,
                     key_mass: torch.Tensor | None = None, mass_window: int = 1) -> torch.Tensor:
@@ -123,8 +130,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     otherwise. Pruning extras, both optional: `kept_q_heads` [Hk] computes only those query heads
     (head h reads KV head h // G) and returns [T, Hk, D]; `key_mass` [S, L] float32 gets += the
     attention mass each key receives from the last `mass_window` queries of its sequence (in
-    decode, from the one query), summed over heads. Without extras the CPU path is
-    `paged_attention_ref`; with them it is the twin next to each kernel.
+    decode, from the one query), summed over heads. Without `key_mass` the CPU path is
+    `paged_attention_ref` (with `kept_q_heads` it computes every head of q and keeps the listed
+    ones: torch's fused SDPA over all heads beats the twins' unfused math over a subset, see
+    `computes_all_heads`); with `key_mass` it is the twin next to each kernel.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
@@ -134,8 +143,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.shape[0] != meta.query_start_loc[-1]:
         raise ValueError(f"q has {q.shape[0]} rows, metadata describes {meta.query_start_loc[-1]} tokens")
     triton_path = use_triton(q)
-    if not triton_path and kept_q_heads is None and key_mass is None:
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    if not triton_path and key_mass is None:
+        out = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return out if kept_q_heads is None else out[:, kept_q_heads]
     # Imported here: the kernel modules need triton, which the plain CPU path does not.
     if meta.is_decode:
         from kernels.decode_attention import decode_attention, decode_attention_ref

@@ -63,6 +63,7 @@ class LayerShape:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
+    attention_heads: int | None = None   # heads attention actually computes, if not num_heads
 
 
 class FlopCounter:
@@ -76,7 +77,7 @@ class FlopCounter:
         self.dense_attn_coef = 4 * config.num_heads * d * config.num_layers
         present = [s for s in shapes if s is not None]
         self.linear = sum(self._linear(s) for s in present)
-        self.attn_coef = 4 * d * sum(s.num_heads for s in present)
+        self.attn_coef = 4 * d * sum(s.attention_heads or s.num_heads for s in present)
         # What the dropped layers would have cost, per token and per unit of context.
         dropped = config.num_layers - len(present)
         self.depth_linear = self._linear(dense_shape) * dropped
