@@ -159,7 +159,8 @@ def run_targets(args: argparse.Namespace, targets: list[Target]) -> list[Row]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trident bench compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="GGUF file, HF folder or alias for `trident serve`")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="GGUF file, HF folder or alias for `trident serve` (default %(default)s)")
     parser.add_argument("--profiles", default="dense", help="comma-separated plans, each its own server")
     parser.add_argument("--server-arg", action="append", default=[], help="extra argument for every `trident serve`")
     parser.add_argument("--target", action="append", default=[], metavar="LABEL=URL", help="an already running server")
