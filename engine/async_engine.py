@@ -80,6 +80,7 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
+        """Requests not yet running: the engine's waiting ones plus those staged for the next step."""
         return self.engine.num_waiting + len(self._pending_adds)
 
     # ------------------------------------------------------------------ requests
@@ -113,9 +114,6 @@ class AsyncEngine:
             if not finished:
                 self._abort_later(request_id)
 
-    async def abort(self, request_id: str) -> None:
-        self._abort_later(request_id)
-
     def _abort_later(self, request_id: str) -> None:
         self._pending_aborts.add(request_id)
         if self._wakeup is not None:
@@ -124,17 +122,18 @@ class AsyncEngine:
     # ------------------------------------------------------------------ loop
 
     def _apply_pending(self) -> None:
+        # Aborts first, so an id whose old request was just abandoned can be reused at once.
+        aborts, self._pending_aborts = self._pending_aborts, set()
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
         adds, self._pending_adds = self._pending_adds, []
         for request_id, ids, params in adds:
-            if request_id in self._pending_aborts:
+            if request_id not in self._queues:      # its consumer left before it started
                 continue
             try:
                 self.engine.add_request(request_id, ids, params)
             except ValueError as e:
                 self._deliver(request_id, e)
-        aborts, self._pending_aborts = self._pending_aborts, set()
-        for request_id in aborts:
-            self.engine.abort_request(request_id)
 
     def _deliver(self, request_id: str, item) -> None:
         queue = self._queues.get(request_id)

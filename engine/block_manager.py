@@ -1,8 +1,9 @@
 """Paged KV-cache blocks: a free list, reference counts and prefix caching by block hash.
 
 A block holds `block_size` consecutive tokens of one sequence. Full blocks are identified by a hash
-chained over every token before them, so two sequences with the same prefix (n > 1 completions, a
-shared system prompt) share those blocks. A block whose ref count drops to 0 goes back to the free
+chained over every token before them, so a sequence admitted after another has computed the same
+prefix (a shared system prompt, a repeated prompt, a preempted sequence coming back) reuses those
+blocks. Sequences admitted in the same step (the n completions of one request) each compute theirs. A block whose ref count drops to 0 goes back to the free
 list but keeps its hash until it is handed out again, so a later request can still reuse it.
 """
 from __future__ import annotations

@@ -130,26 +130,26 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = Request(request_id, list(prompt_token_ids), seqs, detoks, FlopCount())
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        for seq in req.seqs:
+        for seq in req.seqs if req else []:
             self.scheduler.finish(seq, "abort")
-        return self._make_output(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        """Requests with a sequence in the waiting queue (the unit of `max_waiting`)."""
+        return len({seq.request_id for seq in self.scheduler.waiting})
 
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.requests:   # cannot happen while a lone max_model_len sequence fits the cache
+                raise RuntimeError("the scheduler made no progress with requests pending")
             return []
         result = self.runner.execute(sched)
         self._account(result)
@@ -194,14 +194,17 @@ class LLMEngine:
         seq.token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
-            # The stop token stays in token_ids (it was generated) but never reaches the text.
+        # A stop token stays in token_ids (it was generated) but never reaches the text.
+        if token in p.stop_token_ids:
             return self.scheduler.finish(seq, "stop", token)
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return self.scheduler.finish(seq, "stop")           # stop_reason None for EOS, as vLLM
+
+        old_len = len(seq.text)
         seq.text += req.detokenizers[seq.index].add(token)
         if p.stop:
-            # Only the newly added text (plus a stop string's length of context) can hold a new match.
-            window = max(len(s) for s in p.stop) + 16
-            start = max(0, len(seq.text) - window)
+            # A new match must end in the new text, so it starts at most (longest stop - 1) before it.
+            start = max(0, old_len - max(len(s) for s in p.stop) + 1)
             hits = [(seq.text.find(s, start), s) for s in p.stop]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:

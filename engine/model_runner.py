@@ -48,12 +48,15 @@ class ModelRunner:
             rows_before = len(logit_rows)
             begin, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
             input_ids.extend(seq.token_ids[begin:end])
-            if seq.wants_prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
-                # Row j predicts token j+1: score the prompt tokens after this chunk's positions.
-                targets = seq.token_ids[begin + 1:min(end + 1, seq.num_prompt_tokens)]
-                first = len(logit_rows)
-                logit_rows.extend(range(lo, lo + len(targets)))
-                prompt_lp.append((seq, slice(first, first + len(targets)), targets))
+            if seq.wants_prompt_logprobs:
+                # Position p predicts token p + 1. Score prompt tokens not scored yet: a recompute
+                # after preemption runs positions whose logprobs are already recorded.
+                first_target = max(begin + 1, len(seq.prompt_logprobs))
+                last_target = min(end + 1, seq.num_prompt_tokens)          # exclusive
+                if first_target < last_target:
+                    first = len(logit_rows)
+                    logit_rows.extend(range(lo + first_target - 1 - begin, lo + last_target - 1 - begin))
+                    prompt_lp.append((seq, slice(first, len(logit_rows)), seq.token_ids[first_target:last_target]))
             if s.sample and seq.max_tokens > 0:
                 if not (logit_rows and logit_rows[-1] == lo + s.num_new_tokens - 1):
                     logit_rows.append(lo + s.num_new_tokens - 1)
@@ -72,8 +75,6 @@ class ModelRunner:
         if logit_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
             for seq, rows, targets in prompt_lp:
-                if not targets:
-                    continue
                 lp = logits[rows].log_softmax(-1)
                 k = seq.params.prompt_logprobs
                 out.prompt_logprobs[seq.seq_id] = top_logprobs(lp, torch.tensor(targets, device=lp.device), k)

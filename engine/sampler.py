@@ -29,7 +29,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     for row, seq in enumerate(seqs):
         p = seq.params
         if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-            counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[1]).to(logits.dtype)
+            ids = torch.tensor(seq.output_token_ids, device=logits.device)
+            counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
@@ -63,6 +64,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             continue
         filtered = _filter(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
         probs = filtered.softmax(-1)
+        if seq.generator is not None:   # seeded draws use a CPU generator, whatever the device
+            probs = probs.cpu()
         chosen[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
     token_ids = chosen.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(seqs)

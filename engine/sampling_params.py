@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5       # temperatures under this sample greedily
 
 
 @dataclass
@@ -33,6 +34,8 @@ class SamplingParams:
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.max_tokens is None or self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.seed is None or 0 <= self.seed < 2**63 - self.n,
+             f"seed must be in [0, 2**63 - n), got {self.seed}"),
             (self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
@@ -49,7 +52,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures this small are argmax in all but name, and dividing by them overflows.
+        return self.temperature < GREEDY_BELOW
 
     def for_child(self, index: int) -> "SamplingParams":
         """Parameters of completion `index` of an n > 1 request: n=1 and a distinct derived seed."""

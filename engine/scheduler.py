@@ -30,10 +30,6 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
@@ -74,11 +70,13 @@ class Scheduler:
             break
         # 2. Admit waiting sequences while there is room (not in a step that had to preempt).
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table:
-                seq.num_computed_tokens = self.block_manager.match_prefix(seq)
+            seq = self.waiting[0]          # waiting sequences hold no blocks
+            seq.num_computed_tokens = self.block_manager.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                # Give back the matched prefix blocks: a waiting sequence must not pin cache space.
+                self.block_manager.free_sequence(seq)
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

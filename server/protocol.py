@@ -16,6 +16,9 @@ from engine.sampling_params import SamplingParams
 MAX_COMPLETION_LOGPROBS = 5    # OpenAI's bound for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20     # OpenAI's bound for chat `top_logprobs`
 MAX_N = 128                    # OpenAI's bound for `n`; also keeps one request from flooding the engine
+# OpenAI options that change what the output must be: ignoring them would silently return something
+# else, so a request that sets them gets a 400 naming the field.
+UNSUPPORTED = ("logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call", "suffix")
 
 
 class _Request(BaseModel):
@@ -25,6 +28,11 @@ class _Request(BaseModel):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            for name in UNSUPPORTED:
+                if data.get(name) not in (None, {}, [], "") and data.get(name) != {"type": "text"}:
+                    raise ValueError(f"`{name}` is not supported by this server")
+            if data.get("best_of") not in (None, 1, data.get("n", 1)):
+                raise ValueError("`best_of` other than n is not supported by this server")
             return {key: value for key, value in data.items() if value is not None}
         return data
 

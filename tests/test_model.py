@@ -95,3 +95,39 @@ def test_request_validation(tiny_model_dir):
         llm.engine.add_request("c", [10**6], SamplingParams())
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_tiny_temperature_is_greedy(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    greedy = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    tiny = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=1e-45, ignore_eos=True))[0]
+    assert tiny.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
+def test_stop_string_found_at_the_start_of_a_long_delta(tiny_model_dir):
+    # One token can decode to many characters (e.g. a newline plus indentation); a stop string at
+    # the start of such a delta must still end the sequence and stay out of the text.
+    llm = make_llm(tiny_model_dir)
+    engine = llm.engine
+    engine.add_request("r", llm.tokenizer.encode("Hello"), SamplingParams(max_tokens=10, stop=["\n"]))
+    req = engine.requests["r"]
+    req.detokenizers[0].add = lambda token: "ab\n" + " " * 40 + "x"
+    engine._append_token(req, req.seqs[0], 5, None)
+    assert req.seqs[0].finish_reason == "stop" and req.seqs[0].text == "ab"
+
+
+def test_prompt_logprobs_survive_preemption(tiny_model_dir):
+    prompts = [list(range(10, 70)), list(range(100, 150))]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    reference = make_llm(tiny_model_dir).generate(prompts, params)
+    # Six 16-token blocks for two growing sequences, 8-token chunks: the newer request is preempted
+    # after part of its prompt was scored, then recomputed from position 0.
+    tight = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", cache=CacheConfig(num_blocks=6),
+                             scheduler=SchedulerConfig(max_model_len=96, max_num_batched_tokens=8)))
+    outs = tight.generate(prompts, params)
+    assert tight.engine.scheduler.num_preemptions > 0
+    for prompt, out, ref in zip(prompts, outs, reference):
+        assert len(out.prompt_logprobs) == len(prompt)
+        for got, want in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert got.keys() == want.keys()
+            assert all(abs(got[k] - want[k]) < 1e-4 for k in got)

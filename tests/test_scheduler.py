@@ -105,3 +105,17 @@ def test_finish_releases_everything():
     sched.finish(a, "abort")
     assert a.is_finished and a.finish_reason == "abort" and bm.num_free_blocks == 8
     assert not sched.has_unfinished()
+
+
+def test_waiting_sequence_that_cannot_start_pins_no_blocks():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), bm)
+    a = make_seq(9)
+    sched.add(a)
+    fake_step(sched)                      # a: 3 blocks; its first two full blocks are now cached
+    b = make_seq(16)                      # same first 8 tokens as a: matches 2 cached blocks
+    sched.add(b)
+    out = fake_step(sched)                # b needs 2 more blocks, 1 is free: it waits holding nothing
+    assert [s.seq for s in out.scheduled] == [a]
+    assert b.block_table == [] and b.num_computed_tokens == 0
+    assert [bm.ref_counts[i] for i in a.block_table] == [1, 1, 1]

@@ -80,3 +80,11 @@ def test_chat_request_to_sampling_params():
     parts = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                           {"type": "text", "text": "b"}]}])
     assert parts.messages[0].to_template_dict() == {"role": "user", "content": "ab"}
+
+
+@pytest.mark.parametrize("field, value", [("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
+                                          ("tools", [{"type": "function"}]), ("best_of", 3)])
+def test_options_that_change_the_output_are_refused(field, value):
+    with pytest.raises(pydantic.ValidationError, match=f"`{field}`"):
+        ChatCompletionRequest(messages=CHAT, **{field: value})
+    ChatCompletionRequest(messages=CHAT, **{field: None})     # null means "not set"

@@ -19,7 +19,7 @@ def profile_dir(model_name: str) -> Path:
 
 
 def resolve_plan(plan: str, config: ModelConfig, model_name: str) -> PruningPlan:
-    """A validated plan from a profile name or a JSON path."""
+    """A plan from a profile name or a JSON path."""
     if plan == "dense":
         return PruningPlan.dense(config)
     path = Path(plan)
@@ -30,6 +30,4 @@ def resolve_plan(plan: str, config: ModelConfig, model_name: str) -> PruningPlan
                             f"first (it writes {path})")
     elif not path.exists():
         raise PlanError(f"plan {plan!r} is neither a profile ({', '.join(PROFILES)}) nor an existing file")
-    result = PruningPlan.load(path)
-    result.validate(config)
-    return result
+    return PruningPlan.load(path)     # validated against the model by apply_plan
