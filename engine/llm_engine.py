@@ -204,7 +204,7 @@ class LLMEngine:
         seq.text += req.detokenizers[seq.index].add(token)
         if p.stop:
             # A new match must end in the new text, so it starts at most (longest stop - 1) before it.
-            start = max(0, old_len - max(len(s) for s in p.stop) + 1)
+            start = max(0, old_len - p.max_stop_len + 1)
             hits = [(seq.text.find(s, start), s) for s in p.stop]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
@@ -220,7 +220,7 @@ class LLMEngine:
             text = seq.text
             if not seq.is_finished and seq.params.stop:
                 # Hold back a tail that could still become a stop string, so a stream never shows it.
-                text = text[:max(0, len(text) - (max(len(s) for s in seq.params.stop) - 1))]
+                text = text[:max(0, len(text) - (seq.params.max_stop_len - 1))]
             outputs.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=seq.output_token_ids,
                 logprobs=seq.logprobs if seq.params.logprobs is not None else None,

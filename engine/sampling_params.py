@@ -51,6 +51,11 @@ class SamplingParams:
                 raise ValueError(message)
 
     @property
+    def max_stop_len(self) -> int:
+        """Length of the longest stop string (0 without any)."""
+        return max(map(len, self.stop), default=0)
+
+    @property
     def greedy(self) -> bool:
         # Temperatures this small are argmax in all but name, and dividing by them overflows.
         return self.temperature < GREEDY_BELOW
