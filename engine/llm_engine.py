@@ -21,7 +21,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from kernels.attention import computes_all_heads
+from kernels.attention import decode_computes_all_heads
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         shapes: list[LayerShape | None] = [None] * ckpt.config.num_layers
-        all_heads = computes_all_heads(self.device)
+        all_heads = decode_computes_all_heads(self.device)
         for layer in self.model.layers:
             spec = layer.spec
-            # Ragged layers on CPU attend with every slot of their virtual head layout.
-            computed = spec.num_kv_heads * layer.self_attn.group if spec.ragged_groups and all_heads else None
-            shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, computed)
+            # Ragged layers on CPU decode with every slot of their virtual head layout.
+            decode_heads = spec.num_kv_heads * layer.self_attn.group if spec.ragged_groups and all_heads else None
+            shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, decode_heads)
         self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device,
                                   FlopCounter(ckpt.config, shapes))
         self.total_flops = FlopCount()                          # since start, all requests

@@ -77,18 +77,24 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                        meta: AttentionMetadata, scale: float, kv_heads: torch.Tensor | None = None) -> torch.Tensor:
     """Torch twin. q: [T, Hq, D]; caches: [num_slots, Hkv, D]; returns [T, Hq, D].
 
-    out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, h // G]) V[j, h // G] over the keys j of
-    t's sequence with key_position[j] <= query_position[t], where G = Hq / Hkv.
+    out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, kv(h)]) V[j, kv(h)] over the keys j of
+    t's sequence with key_position[j] <= query_position[t], where kv(h) = h // (Hq / Hkv), or
+    kv_heads[h] when given (any mapping: ragged heads after pruning, each head reading its own
+    KV head, so the work scales with the heads in q).
     """
-    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
-    gqa = num_q_heads != num_kv_heads
+    gqa = kv_heads is None and q.shape[1] != k_cache.shape[1]
+
+    def gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:     # [..., L, H, D]
+        rows = cache[slots]
+        return rows if kv_heads is None else rows.index_select(-2, kv_heads)
+
     if meta.is_decode:
         # One query per sequence: gather the padded keys of all sequences and run one batched call.
-        keys = k_cache[meta.key_slots].transpose(1, 2)           # [S, Hkv, L, D]
-        values = v_cache[meta.key_slots].transpose(1, 2)
+        keys = gather(k_cache, meta.key_slots).transpose(1, 2)   # [S, Hkv, L, D]
+        values = gather(v_cache, meta.key_slots).transpose(1, 2)
         mask = (meta.key_positions >= 0)[:, None, None, :]      # [S, 1, 1, L]
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
                                              scale=scale, enable_gqa=gqa)
@@ -99,8 +105,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         num_keys = int((meta.key_positions[s] >= 0).sum())
         slots = meta.key_slots[s, :num_keys]
         # 4-D inputs: torch's CPU flash path takes them; 3-D ones fall back to a slower kernel.
-        keys = k_cache[slots].transpose(0, 1).unsqueeze(0)      # [1, Hkv, L, D]
-        values = v_cache[slots].transpose(0, 1).unsqueeze(0)
+        keys = gather(k_cache, slots).transpose(0, 1).unsqueeze(0)      # [1, Hkv, L, D]
+        values = gather(v_cache, slots).transpose(0, 1).unsqueeze(0)
         queries = q[lo:hi].transpose(0, 1).unsqueeze(0)          # [1, Hq, n, D]
         key_pos, query_pos = meta.key_positions[s, :num_keys], meta.query_positions[lo:hi]
         if torch.equal(key_pos, query_pos):      # a whole prompt from position 0: plain causal
@@ -114,11 +120,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def computes_all_heads(device: torch.device | str) -> bool:
-    """Whether a kept-heads call on `device` computes every head of q (the CPU path), so honest
-    FLOP accounting counts them all."""
-    probe = torch.empty(0, device=device)
-    return not use_triton(probe)
+def decode_computes_all_heads(device: torch.device | str) -> bool:
+    """Whether a decode step with `kept_q_heads` on `device` computes every head of q (the CPU
+    path), so honest FLOP accounting counts them all."""
+    return not use_triton(torch.empty(0, device=device))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -131,9 +136,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (head h reads KV head h // G) and returns [T, Hk, D]; `key_mass` [S, L] float32 gets += the
     attention mass each key receives from the last `mass_window` queries of its sequence (in
     decode, from the one query), summed over heads. Without `key_mass` the CPU path is
-    `paged_attention_ref` (with `kept_q_heads` it computes every head of q and keeps the listed
-    ones: torch's fused SDPA over all heads beats the twins' unfused math over a subset, see
-    `computes_all_heads`); with `key_mass` it is the twin next to each kernel.
+    `paged_attention_ref` (torch's fused SDPA) over the kept heads only, except in decode steps;
+    with `key_mass` it is the twin next to each kernel.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
@@ -144,8 +148,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"q has {q.shape[0]} rows, metadata describes {meta.query_start_loc[-1]} tokens")
     triton_path = use_triton(q)
     if not triton_path and key_mass is None:
-        out = paged_attention_ref(q, k_cache, v_cache, meta, scale)
-        return out if kept_q_heads is None else out[:, kept_q_heads]
+        if kept_q_heads is None:
+            return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        if meta.is_decode:
+            # One query per sequence: attending with every slot of q is cheap next to the K/V
+            # gather, which per-head K/V would make `group` times larger (see decode_computes_all_heads).
+            return paged_attention_ref(q, k_cache, v_cache, meta, scale)[:, kept_q_heads]
+        group = q.shape[1] // k_cache.shape[1]
+        return paged_attention_ref(q[:, kept_q_heads], k_cache, v_cache, meta, scale, kept_q_heads // group)
     # Imported here: the kernel modules need triton, which the plain CPU path does not.
     if meta.is_decode:
         from kernels.decode_attention import decode_attention, decode_attention_ref

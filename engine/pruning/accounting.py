@@ -63,7 +63,7 @@ class LayerShape:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
-    attention_heads: int | None = None   # heads attention actually computes, if not num_heads
+    decode_attention_heads: int | None = None   # heads a decode step computes, if not num_heads
 
 
 class FlopCounter:
@@ -77,7 +77,8 @@ class FlopCounter:
         self.dense_attn_coef = 4 * config.num_heads * d * config.num_layers
         present = [s for s in shapes if s is not None]
         self.linear = sum(self._linear(s) for s in present)
-        self.attn_coef = 4 * d * sum(s.attention_heads or s.num_heads for s in present)
+        self.attn_coef = 4 * d * sum(s.num_heads for s in present)
+        self.decode_attn_coef = 4 * d * sum(s.decode_attention_heads or s.num_heads for s in present)
         # What the dropped layers would have cost, per token and per unit of context.
         dropped = config.num_layers - len(present)
         self.depth_linear = self._linear(dense_shape) * dropped
@@ -90,19 +91,20 @@ class FlopCounter:
         return 2 * h * (q + 2 * kv) + 2 * q * h + 6 * h * s.intermediate_size
 
     def step(self, num_new_tokens: int, context_end: int, num_logit_rows: int,
-             attended: float | None = None) -> FlopCount:
+             attended: float | None = None, decode: bool = False) -> FlopCount:
         """FLOPs of one sequence's step: `num_new_tokens` ending at position `context_end` - 1.
 
         attended: key positions the new tokens actually attended in total (after length pruning);
-        None = all of them (dense length).
+        None = all of them (dense length). decode: the step ran the decode attention path.
         """
         start = context_end - num_new_tokens
         context_sum = num_new_tokens * (start + context_end + 1) / 2      # sum of (position + 1)
         attended = context_sum if attended is None else attended
         head = num_logit_rows * self.lm_head
         dense = num_new_tokens * self.dense_linear + self.dense_attn_coef * context_sum + head
-        executed = num_new_tokens * self.linear + self.attn_coef * attended + head
+        attn_coef = self.decode_attn_coef if decode else self.attn_coef
+        executed = num_new_tokens * self.linear + attn_coef * attended + head
         depth = num_new_tokens * self.depth_linear + self.depth_attn_coef * context_sum
-        length = self.attn_coef * (context_sum - attended)
+        length = attn_coef * (context_sum - attended)
         width = dense - executed - depth - length
         return FlopCount(executed, dense, {"depth": depth, "width": width, "length": length})
