@@ -20,6 +20,7 @@ from bench.pareto import pareto_front
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm import LLM
 from engine.pruning.calibrate import perplexity, token_windows
+from engine.pruning.plan import PruningPlan
 from engine.pruning.profiles import profile_dir
 from engine.sampling_params import SamplingParams
 
@@ -61,7 +62,8 @@ def plot(points: list[dict], path: Path) -> None:
         xs, ys = [p[key] for p in points], [p["perplexity"] for p in points]
         ax.scatter(xs, ys, zorder=2)
         for p, x, y in zip(points, xs, ys):
-            ax.annotate(f"{p['plan']} ({p['agreement']:.2f})", (x, y), textcoords="offset points", xytext=(4, 4),
+            label_text = f"{p['plan']}{'*' if p['healed'] else ''} ({p['agreement']:.2f})"
+            ax.annotate(label_text, (x, y), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
         front = sorted((x, y) for (x, y), on in zip(zip(xs, ys), pareto_front(list(zip(xs, ys)), (True, False))) if on)
         ax.plot(*zip(*front), color="tab:red", marker="*", label="Pareto front", zorder=3)
@@ -70,7 +72,7 @@ def plot(points: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Width pruning: quality vs speed (labels: plan (greedy agreement with dense))")
+    fig.suptitle("Width pruning: quality vs speed (labels: plan, * if healed, and greedy agreement with dense)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     for label, plan in [("dense", None)] + [(p.stem, str(p)) for p in plans]:
         result = evaluate(args.model, plan, held_out, instructions, speed_prompts, args)
-        points.append({"plan": label, "dtype": args.dtype, **result})
+        healed = plan is not None and PruningPlan.load(Path(plan)).weights is not None
+        points.append({"plan": label, "dtype": args.dtype, "healed": healed, **result})
         print(f"{label}: perplexity {result['perplexity']:.3f}, prefill {result['prefill_tok_s']:.0f} tok/s, "
               f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
     dense, reference = points[0], points[0]["greedy"]
@@ -119,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             p[f"{key}_vs_dense"] = p[key] / dense[key]
         del p["greedy"]
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = ["| plan | perplexity | vs dense | agreement | prefill tok/s | vs dense | decode tok/s | vs dense |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| plan | healed | perplexity | vs dense | agreement | prefill tok/s | vs dense | decode tok/s | vs dense |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
-        rows.append(f"| {p['plan']} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | {p['agreement']:.2f} | "
+        rows.append(f"| {p['plan']} | {'yes' if p['healed'] else 'no'} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | {p['agreement']:.2f} | "
                     f"{p['prefill_tok_s']:.0f} | {p['prefill_tok_s_vs_dense']:.2f}x | {p['decode_tok_s']:.1f} | "
                     f"{p['decode_tok_s_vs_dense']:.2f}x |")
     table = "\n".join(rows) + "\n"

@@ -148,6 +148,10 @@ def test_flop_formulas_by_hand():
     assert c.saved["depth"] == 2 * 672 + 4 * 4 * 2 * 9
     assert c.saved["width"] == 2 * (672 - 336) + 4 * 2 * 2 * 9
     assert c.executed + sum(c.saved.values()) == c.dense
+    # A ragged layer whose decode path computes all 4 slots of its virtual head layout (CPU).
+    ragged = FlopCounter(cfg, [LayerShape(2, 1, 3, decode_attention_heads=4), None])
+    assert ragged.step(1, 5, 1, decode=True).executed == 336 + 4 * 4 * 2 * 5 + head
+    assert ragged.step(1, 5, 1).executed == 336 + 4 * 2 * 2 * 5 + head
     merged = merge_summaries([c.summary(), c.summary()])
     assert merged["dense_flops"] == 2 * c.dense
     assert merged["saved_fraction"]["depth"] == pytest.approx(c.saved["depth"] / c.dense)
@@ -159,10 +163,69 @@ def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_d
     text = " ".join(["The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon."] * 60)
     (tmp_path / "text.txt").write_text(text)
     runs = [calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=256, eval_tokens=128, window=64,
-                      out_dir=tmp_path / f"run{i}") for i in range(2)]
+                      out_dir=tmp_path / f"run{i}", heal_steps=2, heal_budgets=(0.5,)) for i in range(2)]
     assert runs[0]["sweep"] == [{**p, "path": p["path"].replace("run1", "run0")} for p in runs[1]["sweep"]]
-    for name in ("importance.json", "dense.json", "balanced.json", "aggressive.json", "width-0.50.json"):
-        assert (tmp_path / "run0" / name).read_text() == (tmp_path / "run1" / name).read_text()
+    for name in ("importance.json", "dense.json", "balanced.json", "aggressive.json", "width-0.50.json",
+                 "width-0.50.safetensors"):
+        assert (tmp_path / "run0" / name).read_bytes() == (tmp_path / "run1" / name).read_bytes()
     half = PruningPlan.load(tmp_path / "run0" / "width-0.50.json")
     assert sum(len(l.kept_q_heads or range(4)) for l in half.layers) == 8    # half of 4 layers x 4 heads
+    assert half.weights == "width-0.50.safetensors" and runs[0]["sweep"][-1]["healing"]["steps"] == 2
+    assert PruningPlan.load(tmp_path / "run0" / "width-0.40.json").weights is None
     assert runs[0]["sweep"][-1]["perplexity"] > runs[0]["dense_perplexity"]
+
+
+def test_healing_brings_the_pruned_model_closer_to_dense_and_travels_with_the_plan(tmp_path, tiny_model_dir):
+    from safetensors.torch import save_file
+
+    from engine.model import LlamaModel
+    from engine.pruning.heal import distill_loss, forward_logits, heal, layer_tensors
+
+    ckpt = load_checkpoint(str(tiny_model_dir))
+    cfg, plan = ckpt.config, tiny_plan(ckpt.config)
+    build = lambda state: LlamaModel.from_hf_state_dict(cfg, state, 64, torch.float32, torch.device("cpu"))
+    teacher = build(ckpt.state_dict)
+    students = [build(apply_plan(ckpt.state_dict, cfg, plan)) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, cfg.vocab_size, (96, 32), generator=g).tolist()
+    held_out = torch.randint(0, cfg.vocab_size, (2, 32), generator=g)
+    with torch.no_grad():
+        target = forward_logits(teacher, held_out)
+        before = distill_loss(forward_logits(students[0], held_out), target).item()
+    runs = [heal(teacher, s, windows, steps=40, lr=5e-4, batch_size=4) for s in students]
+    with torch.no_grad():
+        after = distill_loss(forward_logits(students[0], held_out), target).item()
+    assert after < 0.8 * before                                   # held-out KL, not the training batches
+    assert runs[0] == runs[1]                                      # deterministic
+    healed = layer_tensors(students[0])
+    assert all(torch.equal(v, layer_tensors(students[1])[k]) for k, v in healed.items())
+
+    # The plan's weights file reproduces the healed model in the engine.
+    save_file(healed, str(tmp_path / "healed.safetensors"))
+    plan.weights = "healed.safetensors"
+    plan.save(tmp_path / "plan.json")
+    llm = make_llm(tiny_model_dir, plan=str(tmp_path / "plan.json"))
+    ids = held_out[0]
+    with torch.no_grad():
+        expected = torch.log_softmax(forward_logits(students[0], ids[None]), -1)[:-1].gather(1, ids[1:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(llm.prompt_logprobs(ids.tolist())), expected, atol=1e-4, rtol=1e-4)
+
+    # A missing or foreign weights file is a clear error.
+    (tmp_path / "healed.safetensors").unlink()
+    with pytest.raises(PlanError, match="does not exist"):
+        make_llm(tiny_model_dir, plan=str(tmp_path / "plan.json"))
+    healed["model.layers.2.mlp.down_proj.weight"] = torch.zeros(cfg.hidden_size, 96)
+    save_file(healed, str(tmp_path / "healed.safetensors"))
+    with pytest.raises(PlanError, match="belongs to another plan"):
+        make_llm(tiny_model_dir, plan=str(tmp_path / "plan.json"))
+
+
+def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
+    from engine.pruning.calibrate import calibrate
+    from server.cli import main
+
+    (tmp_path / "text.txt").write_text("some text")
+    assert main(["calibrate", "--data", str(tmp_path / "text.txt"), "--heal-budgets", "0.2,lots"]) == 2
+    assert "--heal-budgets must be numbers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not among the width budgets"):
+        calibrate("unused", tmp_path / "text.txt", heal_steps=1, heal_budgets=(0.25,))

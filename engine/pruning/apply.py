@@ -8,7 +8,9 @@ weights were chosen. Per layer:
   int64) places each query head in a layout of `group` slots per kept KV head (slot // group is
   the KV head it reads), which the attention op takes as its kept-heads list;
 - kept FFN channels: rows of gate_proj/up_proj, columns of down_proj;
-- compensation biases become o_proj.bias / down_proj.bias.
+- compensation biases become o_proj.bias / down_proj.bias;
+- then the plan's `weights` file, if any, replaces tensors of the sliced model (same names and
+  shapes, checked).
 """
 from __future__ import annotations
 
@@ -58,4 +60,27 @@ def apply_plan(state: dict[str, torch.Tensor], config: ModelConfig, plan: Prunin
             out[p + "self_attn.o_proj.bias"] = torch.tensor(layer.attn_bias, dtype=torch.float32)
         if layer.ffn_bias is not None:
             out[p + "mlp.down_proj.bias"] = torch.tensor(layer.ffn_bias, dtype=torch.float32)
+    if plan.weights is not None:
+        out.update(_plan_weights(plan, out))
     return out
+
+
+def _plan_weights(plan: PruningPlan, sliced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = plan.weights_path
+    if not path.is_file():
+        raise PlanError(f"plan {plan.name!r} names weights file {path}, which does not exist "
+                        f"(keep a plan and its .safetensors file in the same folder)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise PlanError(f"plan {plan.name!r}: cannot read weights file {path}: {e}") from e
+    for name, tensor in tensors.items():
+        if name not in sliced:
+            raise PlanError(f"weights file {path}: tensor {name!r} is not in the pruned model")
+        if tensor.shape != sliced[name].shape:
+            raise PlanError(f"weights file {path}: {name!r} has shape {tuple(tensor.shape)}, the pruned model "
+                            f"{tuple(sliced[name].shape)}; the file belongs to another plan")
+    return {name: tensor.float() for name, tensor in tensors.items()}

@@ -7,6 +7,8 @@ Statistics (one pass, through the engine's own forward code, via hooks):
 Width importance of a channel = variance * squared norm of its weight column; a head scores the
 sum over its channels. Scores are standardized per layer and pruned globally, so the budget
 spreads non-uniformly across layers. Removed channels' mean contribution becomes a bias.
+Optionally (`heal_steps`), chosen budgets are then healed by distillation (engine.pruning.heal) on
+the calibration text outside the held-out end, and their plans carry the trained weights.
 """
 from __future__ import annotations
 
@@ -17,16 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.config import EngineConfig, ModelConfig, SchedulerConfig
 from engine.llm import LLM
+from engine.loader import load_checkpoint
+from engine.model import LlamaModel
+from engine.pruning.apply import apply_plan
+from engine.pruning.heal import heal, layer_tensors
 from engine.pruning.plan import LayerPlan, PruningPlan
 from engine.pruning.profiles import profile_dir
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 WIDTH_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+HEAL_BUDGETS = (0.15, 0.2, 0.3)            # healed when heal_steps > 0 (each costs heal_steps steps)
 PROFILE_LIMITS = {"balanced": 1.10, "aggressive": 1.30}   # max perplexity ratio to dense
 
 
@@ -174,9 +182,31 @@ def token_windows(tokenizer, text: str, num_tokens: int, window: int, from_end: 
     return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
+def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[list[int]], steps: int,
+              lr: float, out_dir: Path) -> dict:
+    """Heal the model `plan` slices from `model`; write `<plan name>.safetensors` into `out_dir`
+    and point `plan.weights` at it. Returns the first and last distillation losses."""
+    ckpt = load_checkpoint(model)
+    plan.weights = None
+    student = LlamaModel.from_hf_state_dict(ckpt.config, apply_plan(ckpt.state_dict, ckpt.config, plan),
+                                            teacher.rotary.cos.shape[0], torch.float32,
+                                            teacher.embed_tokens.weight.device)
+    losses = heal(teacher, student, windows, steps, lr, desc=f"healing {plan.name}")
+    save_file(layer_tensors(student), str(out_dir / f"{plan.name}.safetensors"))
+    plan.weights = f"{plan.name}.safetensors"
+    return {"steps": steps, "lr": lr, "kl_first": losses[0], "kl_last": losses[-1]}
+
+
 def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int = 4096, window: int = 512,
-              out_dir: Path | None = None, dtype: str = "float32") -> dict:
-    """Collect statistics, write importance.json and the width sweep + named profiles; returns a report."""
+              out_dir: Path | None = None, dtype: str = "float32", heal_steps: int = 0,
+              heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4) -> dict:
+    """Collect statistics, write importance.json and the width sweep + named profiles; returns a report.
+
+    heal_steps > 0 heals the plans of `heal_budgets` (engine.pruning.heal) on every window of the
+    text except the held-out end."""
+    unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
+    if heal_steps > 0 and unknown:
+        raise ValueError(f"heal budgets {unknown} are not among the width budgets {list(WIDTH_BUDGETS)}")
     base = EngineConfig(model=model, dtype=dtype, scheduler=SchedulerConfig(max_model_len=window + 1,
                                                                             max_num_batched_tokens=window))
     llm = LLM(base)
@@ -192,13 +222,22 @@ def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int =
     dense_ppl = perplexity(llm, held_out)
     PruningPlan.dense(llm.engine.model_config).save(out_dir / "dense.json")
     sweep = [{"plan": "dense", "width_fraction": 0.0, "perplexity": dense_ppl, "path": str(out_dir / "dense.json")}]
+    heal_windows = []
+    if heal_steps > 0:
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        ids = ids[:len(ids) - eval_tokens - window]          # a window's margin before the held-out end
+        heal_windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+        if not heal_windows:
+            raise ValueError(f"{data} is too short to heal on windows of {window} tokens")
     for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
         plan = width_plan(imp, llm, fraction, f"width-{fraction:.2f}")
+        point = {"plan": plan.name, "width_fraction": fraction}
+        if heal_steps > 0 and any(math.isclose(fraction, b) for b in heal_budgets):
+            point["healing"] = heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr, out_dir)
         path = out_dir / f"{plan.name}.json"
         plan.save(path)
         pruned = LLM(EngineConfig(model=model, dtype=dtype, plan=str(path), scheduler=base.scheduler))
-        sweep.append({"plan": plan.name, "width_fraction": fraction, "perplexity": perplexity(pruned, held_out),
-                      "path": str(path)})
+        sweep.append({**point, "perplexity": perplexity(pruned, held_out), "path": str(path)})
     profiles = {}
     for profile, limit in PROFILE_LIMITS.items():
         ok = [p for p in sweep if p["perplexity"] <= limit * dense_ppl]

@@ -3,10 +3,13 @@
     {"version": 1, "name": "balanced", "model": {...shape fingerprint...},
      "layers": [{"keep": true, "kept_q_heads": [0, 2, ...], "kept_kv_heads": [0, 1],
                  "kept_ffn_channels": [...], "attn_bias": [...], "ffn_bias": [...], "exit": null}, ...],
-     "length": {"prefill_keep": [], "decode_sinks": 0, "decode_recent": 0, "decode_heavy": 0}}
+     "length": {"prefill_keep": [], "decode_sinks": 0, "decode_recent": 0, "decode_heavy": 0},
+     "weights": "width-0.20.safetensors"}
 
-`null` lists mean "keep all". Plans are produced by `trident calibrate` and loaded by `trident serve`;
-`PruningPlan.validate` checks one against the model before any weight is touched.
+`null` lists mean "keep all". `weights` (optional) names a safetensors file, relative to the plan
+file, whose tensors (HF names, already sliced shapes) replace the pruned model's after slicing:
+what healing (engine.pruning.heal) trained. Plans are produced by `trident calibrate` and loaded by
+`trident serve`; `PruningPlan.validate` checks one against the model before any weight is touched.
 """
 from __future__ import annotations
 
@@ -57,7 +60,9 @@ class PruningPlan:
     model: dict                                    # ModelConfig shape fingerprint the plan was made for
     layers: list[LayerPlan]
     length: LengthPolicy = field(default_factory=LengthPolicy)
+    weights: str | None = None                     # trained tensors for the pruned layers (see above)
     version: int = PLAN_VERSION
+    base_dir: Path | None = field(default=None, compare=False)   # folder `weights` is relative to; not saved
 
     # ------------------------------------------------------------------ construction
 
@@ -72,12 +77,18 @@ class PruningPlan:
 
     @property
     def is_dense(self) -> bool:
-        return all(l == LayerPlan() for l in self.layers) and self.length == LengthPolicy()
+        return all(l == LayerPlan() for l in self.layers) and self.length == LengthPolicy() and self.weights is None
 
     # ------------------------------------------------------------------ JSON
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        data = asdict(self)
+        del data["base_dir"]
+        return json.dumps(data, indent=1)
+
+    @property
+    def weights_path(self) -> Path | None:
+        return None if self.weights is None else Path(self.base_dir or ".") / self.weights
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.to_json())
@@ -97,7 +108,10 @@ class PruningPlan:
                 layers.append(LayerPlan(**raw))
             length = LengthPolicy(**{**data.get("length", {}),
                                      "prefill_keep": [tuple(x) for x in data.get("length", {}).get("prefill_keep", [])]})
-            return cls(name=data["name"], model=data["model"], layers=layers, length=length)
+            weights = data.get("weights")
+            if weights is not None and not isinstance(weights, str):
+                raise PlanError(f"plan field 'weights' must be a file name, got {weights!r}")
+            return cls(name=data["name"], model=data["model"], layers=layers, length=length, weights=weights)
         except (KeyError, TypeError) as e:
             raise PlanError(f"malformed plan: {e}") from e
 
@@ -107,7 +121,9 @@ class PruningPlan:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+        plan = cls.from_dict(data)
+        plan.base_dir = Path(path).parent
+        return plan
 
     # ------------------------------------------------------------------ validation
 
