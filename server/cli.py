@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.pruning.profiles import PROFILES
+from engine.pruning.reconstruct import COMPENSATIONS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--eval-tokens", type=int, default=4096,
                            help="held-out tokens, from the end of --data, that choose the profiles")
     calibrate.add_argument("--out", help="output folder (default: where --plan PROFILE looks)")
+    calibrate.add_argument("--compensation", choices=COMPENSATIONS, default="least-squares",
+                           help="how the kept o_proj/down_proj columns make up for the removed ones: refit by "
+                                "least squares on the calibration moments, or only the removed mean as a bias")
     calibrate.add_argument("--heal-steps", type=int, default=0,
                            help="distillation steps that heal each plan of --heal-budgets (default 0: bias "
                                 "compensation only; about 5 s a step on 2 CPU cores for a 135M model)")
@@ -106,7 +110,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     try:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
                            out_dir=Path(args.out) if args.out else None, heal_steps=args.heal_steps,
-                           heal_lr=args.heal_lr, **budgets)
+                           heal_lr=args.heal_lr, compensation=args.compensation, **budgets)
     except ValueError as e:
         print(f"trident calibrate: {e}", file=sys.stderr)
         return 2

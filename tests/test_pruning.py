@@ -171,7 +171,9 @@ def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_d
     half = PruningPlan.load(tmp_path / "run0" / "width-0.50.json")
     assert sum(len(l.kept_q_heads or range(4)) for l in half.layers) == 8    # half of 4 layers x 4 heads
     assert half.weights == "width-0.50.safetensors" and runs[0]["sweep"][-1]["healing"]["steps"] == 2
-    assert PruningPlan.load(tmp_path / "run0" / "width-0.40.json").weights is None
+    # Least-squares compensation gives every pruned plan refit weights; only the healed one trains.
+    assert PruningPlan.load(tmp_path / "run0" / "width-0.40.json").weights == "width-0.40.safetensors"
+    assert [p["plan"] for p in runs[0]["sweep"] if "healing" in p] == ["width-0.50"]
     assert runs[0]["sweep"][-1]["perplexity"] > runs[0]["dense_perplexity"]
 
 
@@ -229,3 +231,46 @@ def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
     assert "--heal-budgets must be numbers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not among the width budgets"):
         calibrate("unused", tmp_path / "text.txt", heal_steps=1, heal_budgets=(0.25,))
+
+
+def test_least_squares_refit_matches_a_direct_solve_and_beats_the_mean_bias():
+    from engine.pruning.reconstruct import refit_columns
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(4000, 12, generator=g, dtype=torch.float64) @ mix + 0.5     # correlated, non-zero mean
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    gram, mean = x.T @ x / len(x), x.mean(0)
+    kept = [0, 2, 3, 7, 8, 11]
+    refit, bias = refit_columns(w, gram, mean, kept, damping=0.0)
+    # The same fit by an independent solver on the samples themselves.
+    design = torch.cat([x[:, kept], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    direct = torch.linalg.lstsq(design, x @ w.T).solution.T
+    torch.testing.assert_close(refit, direct[:, :-1], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(bias, direct[:, -1], rtol=1e-6, atol=1e-8)
+    dropped = [i for i in range(12) if i not in kept]
+    mean_bias = w[:, dropped] @ mean[dropped]
+    error = lambda wk, b: (x @ w.T - x[:, kept] @ wk.T - b).pow(2).mean().item()
+    assert error(refit, bias) < 0.9 * error(w[:, kept], mean_bias)      # 60 vs 90 here
+    # Damping pulls toward the original columns; keeping every column changes nothing.
+    far, _ = refit_columns(w, gram, mean, kept, damping=1e6)
+    torch.testing.assert_close(far, w[:, kept], rtol=0, atol=1e-4)
+    same, zero = refit_columns(w, gram, mean, list(range(12)), damping=0.0)
+    torch.testing.assert_close(same, w, rtol=0, atol=1e-8)
+    torch.testing.assert_close(zero, torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="do not fit"):
+        refit_columns(w, gram[:6, :6], mean, kept)
+
+
+def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_model_dir):
+    from engine.pruning.calibrate import calibrate
+
+    (tmp_path / "text.txt").write_text(" ".join(["Once upon a time there was a dragon."] * 120))
+    report = calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=128, eval_tokens=64, window=64,
+                       out_dir=tmp_path / "bias", compensation="bias")
+    half = PruningPlan.load(tmp_path / "bias" / "width-0.50.json")
+    assert half.weights is None and half.layers[0].ffn_bias is not None
+    assert not list((tmp_path / "bias").glob("*.safetensors"))
+    assert all(p["compensation"] == "bias" for p in report["sweep"][1:])
+    with pytest.raises(ValueError, match="compensation must be one of"):
+        calibrate(str(tiny_model_dir), tmp_path / "text.txt", compensation="magic")

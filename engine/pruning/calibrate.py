@@ -1,12 +1,14 @@
 """Calibration: run the dense model over text, collect what every axis needs, write plans.
 
 Statistics (one pass, through the engine's own forward code, via hooks):
-- width: per channel of the o_proj input (attention heads) and of the down_proj input (FFN), the
-  mean and variance over calibration tokens (FLAP's fluctuation metric);
+- width: of the o_proj input (attention heads) and of the down_proj input (FFN), the mean and
+  the second-moment matrix over calibration tokens (its diagonal gives FLAP's fluctuation metric);
 - depth: Block Influence per layer, BI = 1 - mean cos(x_in, x_out).
 Width importance of a channel = variance * squared norm of its weight column; a head scores the
 sum over its channels. Scores are standardized per layer and pruned globally, so the budget
-spreads non-uniformly across layers. Removed channels' mean contribution becomes a bias.
+spreads non-uniformly across layers. The kept columns of o_proj / down_proj are then refit by
+least squares to reproduce the dense output (engine.pruning.reconstruct), or, with
+compensation="bias", only the removed channels' mean contribution becomes a bias.
 Optionally (`heal_steps`), chosen budgets are then healed by distillation (engine.pruning.heal) on
 the calibration text outside the held-out end, and their plans carry the trained weights.
 """
@@ -29,6 +31,7 @@ from engine.model import LlamaModel
 from engine.pruning.apply import apply_plan
 from engine.pruning.heal import heal, layer_tensors
 from engine.pruning.plan import LayerPlan, PruningPlan
+from engine.pruning.reconstruct import COMPENSATIONS, refit_columns
 from engine.pruning.profiles import profile_dir
 from engine.sampling_params import SamplingParams
 
@@ -39,16 +42,17 @@ PROFILE_LIMITS = {"balanced": 1.10, "aggressive": 1.30}   # max perplexity ratio
 
 
 class RunningMoments:
-    """Per-channel mean and variance over rows, accumulated in float64."""
+    """Per-channel mean and variance over rows, and the second-moment matrix E[x x^T] that
+    least-squares compensation needs; accumulated in float64."""
 
     def __init__(self) -> None:
-        self.count, self.total, self.total_sq = 0, None, None
+        self.count, self.total, self.outer = 0, None, None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().double().reshape(-1, x.shape[-1])
-        s, sq = x.sum(0), (x * x).sum(0)
+        s, outer = x.sum(0), x.T @ x
         self.total = s if self.total is None else self.total + s
-        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.outer = outer if self.outer is None else self.outer + outer
         self.count += x.shape[0]
 
     @property
@@ -56,8 +60,12 @@ class RunningMoments:
         return self.total / self.count
 
     @property
+    def gram(self) -> torch.Tensor:
+        return self.outer / self.count
+
+    @property
     def var(self) -> torch.Tensor:
-        return (self.total_sq / self.count - self.mean ** 2).clamp_min(0)
+        return (self.outer.diagonal() / self.count - self.mean ** 2).clamp_min(0)
 
 
 @dataclass
@@ -136,32 +144,50 @@ def _global_keep(scores: list[list[float]], fraction: float, min_keep: int) -> l
     return [[i for i in k if i not in d] for k, d in zip(keep, dropped)]
 
 
-def width_plan(imp: dict, llm: LLM, fraction: float, name: str) -> PruningPlan:
-    """Drop `fraction` of query heads and of FFN channels, spread non-uniformly across layers."""
+def width_plan(imp: dict, llm: LLM, fraction: float, name: str,
+               stats: list[LayerStats] | None = None) -> tuple[PruningPlan, dict[str, torch.Tensor]]:
+    """Drop `fraction` of query heads and of FFN channels, spread non-uniformly across layers.
+
+    Compensation: with `stats`, o_proj / down_proj are refit by least squares on the calibration
+    moments (engine.pruning.reconstruct) and returned as sliced HF-named tensors for the plan's
+    weights file; without, the removed channels' mean contribution becomes the bias (FLAP)."""
     cfg: ModelConfig = llm.engine.model_config
     layers_imp = imp["layers"]
     heads = _global_keep([l["head_scores"] for l in layers_imp], fraction, min_keep=1)
     channels = _global_keep([l["channel_scores"] for l in layers_imp], fraction,
                             min_keep=max(1, cfg.intermediate_size // 16))
-    layers = []
+    layers, tensors = [], {}
     group = cfg.num_heads // cfg.num_kv_heads
-    for layer, li, kept_h, kept_c in zip(llm.engine.model.layers, layers_imp, heads, channels):
+    for i, (layer, li, kept_h, kept_c) in enumerate(zip(llm.engine.model.layers, layers_imp, heads, channels)):
         plan = LayerPlan()
+        p = f"model.layers.{i}."
         if len(kept_h) < cfg.num_heads:
             plan.kept_q_heads = kept_h
             plan.kept_kv_heads = sorted({h // group for h in kept_h})
-            dropped = [h * cfg.head_dim + j for h in range(cfg.num_heads) if h not in kept_h for j in range(cfg.head_dim)]
-            w_o = layer.self_attn.o_proj.weight.detach().double()
-            mean = torch.tensor(li["attn_in_mean"], dtype=torch.float64)
-            plan.attn_bias = (w_o[:, dropped] @ mean[dropped]).tolist()
+            kept = [h * cfg.head_dim + j for h in kept_h for j in range(cfg.head_dim)]
+            plan.attn_bias, w = _compensate(layer.self_attn.o_proj.weight, kept, li["attn_in_mean"],
+                                            stats[i].attn_in if stats else None)
+            if w is not None:
+                tensors[p + "self_attn.o_proj.weight"] = w
         if len(kept_c) < cfg.intermediate_size:
             plan.kept_ffn_channels = kept_c
-            dropped_c = sorted(set(range(cfg.intermediate_size)) - set(kept_c))
-            w_down = layer.mlp.down_proj.weight.detach().double()
-            mean = torch.tensor(li["ffn_in_mean"], dtype=torch.float64)
-            plan.ffn_bias = (w_down[:, dropped_c] @ mean[dropped_c]).tolist()
+            plan.ffn_bias, w = _compensate(layer.mlp.down_proj.weight, kept_c, li["ffn_in_mean"],
+                                           stats[i].ffn_in if stats else None)
+            if w is not None:
+                tensors[p + "mlp.down_proj.weight"] = w
         layers.append(plan)
-    return PruningPlan(name, PruningPlan.fingerprint(cfg), layers)
+    return PruningPlan(name, PruningPlan.fingerprint(cfg), layers), tensors
+
+
+def _compensate(weight: torch.Tensor, kept: list[int], mean: list[float],
+                moments: RunningMoments | None) -> tuple[list[float], torch.Tensor | None]:
+    """(bias, refit kept columns or None) for a projection whose input keeps columns `kept`."""
+    w = weight.detach().double()
+    if moments is not None:
+        refit, bias = refit_columns(w, moments.gram, moments.mean, kept)
+        return bias.tolist(), refit.float()
+    dropped = sorted(set(range(w.shape[1])) - set(kept))
+    return (w[:, dropped] @ torch.tensor(mean, dtype=torch.float64)[dropped]).tolist(), None
 
 
 def perplexity(llm: LLM, windows: list[list[int]]) -> float:
@@ -184,10 +210,9 @@ def token_windows(tokenizer, text: str, num_tokens: int, window: int, from_end: 
 
 def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[list[int]], steps: int,
               lr: float, out_dir: Path) -> dict:
-    """Heal the model `plan` slices from `model`; write `<plan name>.safetensors` into `out_dir`
-    and point `plan.weights` at it. Returns the first and last distillation losses."""
+    """Heal the model `plan` slices from `model` (starting from its weights file, if any); write
+    `<plan name>.safetensors` into `out_dir` and point `plan.weights` at it. Returns the first and last distillation losses."""
     ckpt = load_checkpoint(model)
-    plan.weights = None
     student = LlamaModel.from_hf_state_dict(ckpt.config, apply_plan(ckpt.state_dict, ckpt.config, plan),
                                             teacher.rotary.cos.shape[0], torch.float32,
                                             teacher.embed_tokens.weight.device)
@@ -199,11 +224,15 @@ def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[
 
 def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int = 4096, window: int = 512,
               out_dir: Path | None = None, dtype: str = "float32", heal_steps: int = 0,
-              heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4) -> dict:
+              heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4,
+              compensation: str = "least-squares") -> dict:
     """Collect statistics, write importance.json and the width sweep + named profiles; returns a report.
 
-    heal_steps > 0 heals the plans of `heal_budgets` (engine.pruning.heal) on every window of the
-    text except the held-out end."""
+    compensation: "least-squares" refits o_proj / down_proj (engine.pruning.reconstruct), "bias"
+    only adds the removed channels' mean. heal_steps > 0 then heals the plans of `heal_budgets`
+    (engine.pruning.heal) on every window of the text except the held-out end."""
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
     if heal_steps > 0 and unknown:
         raise ValueError(f"heal budgets {unknown} are not among the width budgets {list(WIDTH_BUDGETS)}")
@@ -215,7 +244,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int =
     held_out = token_windows(llm.tokenizer, text, eval_tokens, window, from_end=True)
     if not calib or not held_out:
         raise ValueError(f"{data} is too short for {num_tokens} calibration + {eval_tokens} evaluation tokens")
-    imp = importance(llm, collect_stats(llm, calib))
+    stats = collect_stats(llm, calib)
+    imp = importance(llm, stats)
     out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "importance.json").write_text(json.dumps(imp))
@@ -230,8 +260,13 @@ def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int =
         if not heal_windows:
             raise ValueError(f"{data} is too short to heal on windows of {window} tokens")
     for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
-        plan = width_plan(imp, llm, fraction, f"width-{fraction:.2f}")
-        point = {"plan": plan.name, "width_fraction": fraction}
+        plan, tensors = width_plan(imp, llm, fraction, f"width-{fraction:.2f}",
+                                   stats if compensation == "least-squares" else None)
+        plan.base_dir = out_dir
+        if tensors:
+            save_file(tensors, str(out_dir / f"{plan.name}.safetensors"))
+            plan.weights = f"{plan.name}.safetensors"
+        point = {"plan": plan.name, "width_fraction": fraction, "compensation": compensation}
         if heal_steps > 0 and any(math.isclose(fraction, b) for b in heal_budgets):
             point["healing"] = heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr, out_dir)
         path = out_dir / f"{plan.name}.json"
