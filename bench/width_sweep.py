@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 from bench.agreement import prefix_agreement
 from bench.pareto import pareto_front
-from engine.config import EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm import LLM
 from engine.pruning.calibrate import perplexity, token_windows
 from engine.pruning.plan import PruningPlan
@@ -27,27 +28,34 @@ from engine.sampling_params import SamplingParams
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s over all prompts at once, aggregate decode tok/s of the same batch)."""
+def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(prefill tok/s of all prompts at once, aggregate decode tok/s of the same batch): medians of
+    `repeats` runs, after a warm-up run of the same shapes. Needs prefix caching off, so that every
+    run recomputes its prompts."""
+    if llm.engine.config.cache.enable_prefix_caching:
+        raise ValueError("speed() needs an engine without prefix caching")
     greedy = dict(temperature=0, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, **greedy))              # warm-up
-    t = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
-    prefill_s = time.perf_counter() - t
-    # Shift every prompt by one token so the prefix cache cannot reuse the run above.
-    shifted = [p[1:] + p[:1] for p in prompts]
-    t = time.perf_counter()
-    llm.generate(shifted, SamplingParams(max_tokens=decode_tokens + 1, **greedy))
-    decode_s = time.perf_counter() - t - prefill_s
-    return sum(map(len, prompts)) / prefill_s, len(prompts) * decode_tokens / decode_s
+    llm.generate(prompts, SamplingParams(max_tokens=decode_tokens + 1, **greedy))        # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
+        prefill_s = time.perf_counter() - t
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=decode_tokens + 1, **greedy))
+        decode_s = time.perf_counter() - t - prefill_s
+        prefill.append(sum(map(len, prompts)) / prefill_s)
+        decode.append(len(prompts) * decode_tokens / decode_s)
+    return statistics.median(prefill), statistics.median(decode)
 
 
 def evaluate(model: str, plan: str | None, held_out, instructions, speed_prompts, args) -> dict:
-    llm = LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, scheduler=SchedulerConfig(
-        max_model_len=args.window + args.max_tokens + 64, max_num_batched_tokens=args.window * 4)))
+    llm = LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, cache=CacheConfig(enable_prefix_caching=False),
+                           scheduler=SchedulerConfig(max_model_len=args.window + args.max_tokens + 64,
+                                                     max_num_batched_tokens=args.window * 4)))
     chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": i}]) for i in instructions]
     outs = llm.generate(chats, SamplingParams(max_tokens=args.max_tokens, temperature=0))
-    prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens)
+    prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens, args.repeats)
     return {"perplexity": perplexity(llm, held_out(llm.tokenizer)), "prefill_tok_s": prefill,
             "decode_tok_s": decode, "greedy": [o.outputs[0].token_ids for o in outs]}
 
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per plan; the median is reported")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
 

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", default=DEFAULT_MODEL)
     calibrate.add_argument("--data", default=str(DEFAULT_CALIBRATION_DATA),
                            help="calibration text (default %(default)s)")
-    calibrate.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default %(default)s)")
+    calibrate.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default %(default)s)")
     calibrate.add_argument("--eval-tokens", type=int, default=4096,
                            help="held-out tokens, from the end of --data, that choose the profiles")
     calibrate.add_argument("--out", help="output folder (default: where --plan PROFILE looks)")
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="how the kept o_proj/down_proj columns make up for the removed ones: refit by "
                                 "least squares on the calibration moments, or only the removed mean as a bias")
     calibrate.add_argument("--heal-steps", type=int, default=0,
-                           help="distillation steps that heal each plan of --heal-budgets (default 0: bias "
-                                "compensation only; about 5 s a step on 2 CPU cores for a 135M model)")
+                           help="distillation steps that heal each plan of --heal-budgets (default 0: compensation "
+                                "only; about 8 s a step on 2 CPU cores for a 135M model)")
     calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.15,0.2,0.3)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
     calibrate.set_defaults(handler=calibrate_command)

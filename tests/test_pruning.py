@@ -231,6 +231,10 @@ def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
     assert "--heal-budgets must be numbers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not among the width budgets"):
         calibrate("unused", tmp_path / "text.txt", heal_steps=1, heal_budgets=(0.25,))
+    with pytest.raises(ValueError, match="must each fill at least one window"):
+        calibrate("unused", tmp_path / "text.txt", num_tokens=100)
+    with pytest.raises(ValueError, match="heal steps must be >= 0"):
+        calibrate("unused", tmp_path / "text.txt", heal_steps=-1)
 
 
 def test_least_squares_refit_matches_a_direct_solve_and_beats_the_mean_bias():
@@ -274,3 +278,4 @@ def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_mode
     assert all(p["compensation"] == "bias" for p in report["sweep"][1:])
     with pytest.raises(ValueError, match="compensation must be one of"):
         calibrate(str(tiny_model_dir), tmp_path / "text.txt", compensation="magic")
+

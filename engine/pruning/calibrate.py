@@ -49,8 +49,9 @@ class RunningMoments:
         self.count, self.total, self.outer = 0, None, None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().double().reshape(-1, x.shape[-1])
-        s, outer = x.sum(0), x.T @ x
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        # One window's products in float32 (BLAS speed), the running sums in float64.
+        s, outer = x.double().sum(0), (x.T @ x).double()
         self.total = s if self.total is None else self.total + s
         self.outer = outer if self.outer is None else self.outer + outer
         self.count += x.shape[0]
@@ -222,7 +223,7 @@ def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[
     return {"steps": steps, "lr": lr, "kl_first": losses[0], "kl_last": losses[-1]}
 
 
-def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int = 4096, window: int = 512,
+def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int = 4096, window: int = 512,
               out_dir: Path | None = None, dtype: str = "float32", heal_steps: int = 0,
               heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4,
               compensation: str = "least-squares") -> dict:
@@ -231,6 +232,11 @@ def calibrate(model: str, data: Path, num_tokens: int = 8192, eval_tokens: int =
     compensation: "least-squares" refits o_proj / down_proj (engine.pruning.reconstruct), "bias"
     only adds the removed channels' mean. heal_steps > 0 then heals the plans of `heal_budgets`
     (engine.pruning.heal) on every window of the text except the held-out end."""
+    if num_tokens < window or eval_tokens < window:
+        raise ValueError(f"calibration ({num_tokens}) and evaluation ({eval_tokens}) tokens must each fill at least "
+                         f"one window of {window} tokens")
+    if heal_steps < 0:
+        raise ValueError(f"heal steps must be >= 0, got {heal_steps}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
