@@ -21,7 +21,6 @@ from bench.pareto import pareto_front
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm import LLM
 from engine.pruning.calibrate import perplexity, token_windows
-from engine.pruning.plan import PruningPlan
 from engine.pruning.profiles import profile_dir
 from engine.sampling_params import SamplingParams
 
@@ -116,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     middle = text[len(text) // 3:]
     speed_prompts = lambda tok: token_windows(tok, middle, args.speed_batch * args.window, args.window)
 
+    # calibration.json records which plans were healed (every least-squares plan has a weights file).
+    report = plans_dir / "calibration.json"
+    healed = {p["plan"] for p in json.loads(report.read_text())["sweep"] if "healing" in p} if report.exists() else set()
     points = []
     for label, plan in [("dense", None)] + [(p.stem, str(p)) for p in plans]:
         result = evaluate(args.model, plan, held_out, instructions, speed_prompts, args)
-        healed = plan is not None and PruningPlan.load(Path(plan)).weights is not None
-        points.append({"plan": label, "dtype": args.dtype, "healed": healed, **result})
+        points.append({"plan": label, "dtype": args.dtype, "healed": label in healed, **result})
         print(f"{label}: perplexity {result['perplexity']:.3f}, prefill {result['prefill_tok_s']:.0f} tok/s, "
               f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
     dense, reference = points[0], points[0]["greedy"]

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--heal-steps", type=int, default=0,
                            help="distillation steps that heal each plan of --heal-budgets (default 0: compensation "
                                 "only; about 8 s a step on 2 CPU cores for a 135M model)")
-    calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.15,0.2,0.3)")
+    calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.25)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
     calibrate.set_defaults(handler=calibrate_command)
     bench = commands.add_parser("bench", help="benchmarks")
@@ -103,9 +103,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
     try:
         budgets = {} if args.heal_budgets is None else \
             {"heal_budgets": tuple(float(b) for b in args.heal_budgets.split(",") if b.strip())}
+        if budgets and (not budgets["heal_budgets"] or args.heal_steps <= 0):
+            raise ValueError
     except ValueError:
-        print(f"trident calibrate: --heal-budgets must be numbers like 0.15,0.2, got {args.heal_budgets!r}",
-              file=sys.stderr)
+        print(f"trident calibrate: --heal-budgets must be numbers like 0.15,0.2 and needs --heal-steps N > 0, "
+              f"got {args.heal_budgets!r} with --heal-steps {args.heal_steps}", file=sys.stderr)
         return 2
     try:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,

@@ -119,6 +119,12 @@ def test_sliced_model_equals_zeroed_dense_model(tmp_path, tiny_model_dir):
         ids = sliced.tokenizer.encode(prompt)
         torch.testing.assert_close(torch.tensor(sliced.prompt_logprobs(ids)),
                                    torch.tensor(reference.prompt_logprobs(ids)), atol=1e-5, rtol=1e-5)
+    # Decode steps (the ragged layers' virtual-layout path) too: same tokens, same logprobs.
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    for a, b in zip(sliced.generate(PROMPTS, params), reference.generate(PROMPTS, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        chosen = lambda out: [lp[t] for lp, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+        torch.testing.assert_close(torch.tensor(chosen(a)), torch.tensor(chosen(b)), atol=1e-5, rtol=1e-5)
 
 
 def test_dropped_layer_and_usage_accounting(tmp_path, tiny_model_dir):
@@ -227,10 +233,12 @@ def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
     from server.cli import main
 
     (tmp_path / "text.txt").write_text("some text")
-    assert main(["calibrate", "--data", str(tmp_path / "text.txt"), "--heal-budgets", "0.2,lots"]) == 2
-    assert "--heal-budgets must be numbers" in capsys.readouterr().err
+    for bad in (["--heal-budgets", "0.2,lots", "--heal-steps", "5"], ["--heal-budgets", "", "--heal-steps", "5"],
+                ["--heal-budgets", "0.2"]):
+        assert main(["calibrate", "--data", str(tmp_path / "text.txt"), *bad]) == 2
+        assert "--heal-budgets must be numbers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not among the width budgets"):
-        calibrate("unused", tmp_path / "text.txt", heal_steps=1, heal_budgets=(0.25,))
+        calibrate("unused", tmp_path / "text.txt", heal_steps=1, heal_budgets=(0.33,))
     with pytest.raises(ValueError, match="must each fill at least one window"):
         calibrate("unused", tmp_path / "text.txt", num_tokens=100)
     with pytest.raises(ValueError, match="heal steps must be >= 0"):

@@ -1,7 +1,8 @@
 """Healing: a short distillation that teaches a width-pruned model to match its dense teacher.
 
-Slicing keeps weights that were trained next to the heads and channels it removed; the bias
-compensation repairs only their mean. A few hundred steps of knowledge distillation (the KL
+Slicing keeps weights that were trained next to the heads and channels it removed; compensation
+(a least-squares refit of each layer's output projections) repairs each layer on its own, against
+dense inputs, so errors still add up through depth. A few hundred steps of knowledge distillation (the KL
 divergence from the dense model's next-token distribution to the pruned model's, at every
 position of calibration text, as Minitron does after width pruning) recover most of the rest.
 Every layer tensor trains; the embeddings, final norm and LM head stay frozen, so a plan stores

@@ -8,7 +8,8 @@
 
 `null` lists mean "keep all". `weights` (optional) names a safetensors file, relative to the plan
 file, whose tensors (HF names, already sliced shapes) replace the pruned model's after slicing:
-what healing (engine.pruning.heal) trained. Plans are produced by `trident calibrate` and loaded by
+the least-squares refit of o_proj / down_proj (engine.pruning.reconstruct) or what healing
+(engine.pruning.heal) trained. Plans are produced by `trident calibrate` and loaded by
 `trident serve`; `PruningPlan.validate` checks one against the model before any weight is touched.
 """
 from __future__ import annotations
@@ -41,8 +42,8 @@ class LayerPlan:
     kept_q_heads: list[int] | None = None          # query heads kept (None = all)
     kept_kv_heads: list[int] | None = None         # KV heads kept (None = those the kept q heads use)
     kept_ffn_channels: list[int] | None = None     # FFN channels kept (None = all)
-    attn_bias: list[float] | None = None           # [hidden] added to o_proj output: mean of dropped heads
-    ffn_bias: list[float] | None = None            # [hidden] added to down_proj output: mean of dropped channels
+    attn_bias: list[float] | None = None           # [hidden] added to o_proj output: compensation for dropped heads
+    ffn_bias: list[float] | None = None            # [hidden] added to down_proj output: compensation for dropped channels
     exit: ExitPoint | None = None
 
 

@@ -108,10 +108,15 @@ def _cpu_dispatch(case, batch, meta, kept, scale, tol) -> list[str]:
     try:
         args = (batch.q, batch.k_cache, batch.v_cache, meta, scale)
         failures = compare("plain", paged_attention(*args), paged_attention_ref(*args), atol=0, rtol=0)
-        # Kept heads on CPU: the fused torch path over all heads, then a selection (exactly), which
-        # agrees with the twin that computes only the kept heads (within tolerance).
+        # Kept heads on CPU: torch's SDPA over the kept heads only, each reading its own KV head
+        # (exactly), which agrees with all heads then a selection and with the kernel's twin (within
+        # tolerance: other SDPA kernels).
         kept_out = paged_attention(*args, kept_q_heads=kept)
-        failures += compare("kept heads", kept_out, paged_attention_ref(*args)[:, kept], atol=0, rtol=0)
+        group = batch.q.shape[1] // batch.k_cache.shape[1]
+        subset = (batch.q[:, kept], batch.k_cache, batch.v_cache, meta, scale)
+        failures += compare("kept heads", kept_out, paged_attention_ref(*subset, kv_heads=kept // group),
+                            atol=0, rtol=0)
+        failures += compare("kept heads vs all heads", kept_out, paged_attention_ref(*args)[:, kept], **tol)
         failures += compare("kept heads vs twin", kept_out, prefill_attention_ref(*args, kept), **tol)
         d_args = (decode.q, decode.k_cache, decode.v_cache, decode.meta, scale)
         mass, mass_ref = torch.zeros(decode.meta.key_slots.shape), torch.zeros(decode.meta.key_slots.shape)
