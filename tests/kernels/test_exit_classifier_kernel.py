@@ -81,9 +81,13 @@ def run_case(case: dict) -> list[str]:
     if lm_head is not None:
         clear = ref.margin > 1e-3                        # ties within rounding may pick either id
         failures += compare_exact("argmax", got.argmax[clear], ref.argmax[clear])
-    if vocab is not None and vocab < 0:    # ties resolve to the lowest id, margin exactly 0
-        failures += compare_exact("tied argmax", got.argmax, ref.argmax)
-        failures += compare_exact("tied margin", got.margin, torch.zeros_like(got.margin))
+    if vocab is not None and vocab < 0:
+        # Ids i and i + 300 share a weight row: the kernel must land on the same row as the twin.
+        # Which copy it reports, and a margin of exactly 0, rest on bit-equal logits, which the
+        # interpreter's matmul (numpy) does not promise across tiles: check the row, and the margin
+        # to rounding.
+        failures += compare_exact("tied argmax row", got.argmax % 300, ref.argmax % 300)
+        failures += compare("tied margin", got.margin, torch.zeros_like(got.margin), atol=1e-6, rtol=0)
     for name in ("exit_mask", "exit_rows", "continue_rows"):
         failures += compare_exact(name, getattr(got, name), getattr(ref, name))
     if score.unique().numel() > 1 and not 0 < len(got.exit_rows) < rows:
