@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "least squares on the calibration moments, or only the removed mean as a bias")
     calibrate.add_argument("--heal-steps", type=int, default=0,
                            help="distillation steps that heal each plan of --heal-budgets (default 0: compensation "
-                                "only; about 8 s a step on 2 CPU cores for a 135M model)")
+                                "only; 6-8 s a step on 2 CPU cores for a 135M model)")
     calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.25)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
     calibrate.set_defaults(handler=calibrate_command)
