@@ -206,7 +206,11 @@ def token_windows(tokenizer, text: str, num_tokens: int, window: int, from_end: 
     chars = min(len(text), num_tokens * 8)
     part = text[-chars:] if from_end else text[:chars]
     ids = tokenizer.encode(part, add_special_tokens=False)
-    ids = ids[-num_tokens:] if from_end else ids[:num_tokens]
+    return split_windows(ids[-num_tokens:] if from_end else ids[:num_tokens], window)
+
+
+def split_windows(ids: list[int], window: int) -> list[list[int]]:
+    """Consecutive whole `window`-token slices of `ids` (a shorter tail is left out)."""
     return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
@@ -262,8 +266,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
     heal_windows = []
     if heal_steps > 0:
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
-        ids = ids[:len(ids) - eval_tokens - window]          # a window's margin before the held-out end
-        heal_windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+        # Everything but the held-out end, with a window's margin before it.
+        heal_windows = split_windows(ids[:len(ids) - eval_tokens - window], window)
         if not heal_windows:
             raise ValueError(f"{data} is too short to heal on windows of {window} tokens")
     for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):

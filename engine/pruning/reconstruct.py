@@ -45,4 +45,3 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, 
     # g is symmetric positive definite (a damped second-moment matrix): Cholesky solve.
     sol = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(g)).T      # [out, k + 1]
     return sol[:, :k].contiguous(), sol[:, k].contiguous()
-
