@@ -169,7 +169,8 @@ def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_d
     text = " ".join(["The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon."] * 60)
     (tmp_path / "text.txt").write_text(text)
     runs = [calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=256, eval_tokens=128, window=64,
-                      out_dir=tmp_path / f"run{i}", heal_steps=2, heal_budgets=(0.5,)) for i in range(2)]
+                      out_dir=tmp_path / f"run{i}", heal_steps=2, heal_budgets=(0.5,))
+            for i in range(2)]
     assert runs[0]["sweep"] == [{**p, "path": p["path"].replace("run1", "run0")} for p in runs[1]["sweep"]]
     for name in ("importance.json", "dense.json", "balanced.json", "aggressive.json", "width-0.50.json",
                  "width-0.50.safetensors"):
@@ -226,6 +227,40 @@ def test_healing_brings_the_pruned_model_closer_to_dense_and_travels_with_the_pl
     save_file(healed, str(tmp_path / "healed.safetensors"))
     with pytest.raises(PlanError, match="belongs to another plan"):
         make_llm(tiny_model_dir, plan=str(tmp_path / "plan.json"))
+
+
+def test_healing_keeps_the_weights_of_its_best_validation_step(tiny_model_dir):
+    from engine.model import LlamaModel
+    from engine.pruning.heal import autocast_dtype, heal, held_out_kl, layer_tensors
+
+    ckpt = load_checkpoint(str(tiny_model_dir))
+    cfg, plan = ckpt.config, tiny_plan(ckpt.config)
+    build = lambda state: LlamaModel.from_hf_state_dict(cfg, state, 64, torch.float32, torch.device("cpu"))
+    teacher, start = build(ckpt.state_dict), build(apply_plan(ckpt.state_dict, cfg, plan))
+    g = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, cfg.vocab_size, (32, 16), generator=g).tolist()
+    val = torch.randint(0, cfg.vocab_size, (4, 16), generator=g).tolist()
+    amp = autocast_dtype(torch.device("cpu"))
+
+    def val_kl(model):
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            return held_out_kl(teacher, model, torch.tensor(val))
+
+    # A sane run: measured at 0, every 5 steps and at the end; the kept weights score the minimum.
+    student = build(apply_plan(ckpt.state_dict, cfg, plan))
+    run = heal(teacher, student, windows, steps=12, lr=5e-4, batch_size=4, val_windows=val, eval_every=5)
+    assert [s for s, _ in run["val"]] == [0, 5, 10, 12] and len(run["losses"]) == 12
+    best = min(run["val"], key=lambda p: p[1])
+    assert run["best_step"] == best[0] and val_kl(student) == pytest.approx(best[1], rel=1e-6)
+    assert best[1] < run["val"][0][1]
+    # A diverging run (absurd learning rate) falls back to the starting weights exactly.
+    student = build(apply_plan(ckpt.state_dict, cfg, plan))
+    run = heal(teacher, student, windows, steps=6, lr=50.0, batch_size=4, val_windows=val, eval_every=3)
+    assert run["best_step"] == 0 and not any(kl <= run["val"][0][1] for _, kl in run["val"][1:])   # worse or NaN
+    before = layer_tensors(start)
+    assert all(torch.equal(v, before[k]) for k, v in layer_tensors(student).items())
+    with pytest.raises(ValueError, match="same length"):
+        heal(teacher, student, windows, steps=2, val_windows=[w[:8] for w in val])
 
 
 def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):

@@ -10,7 +10,8 @@ spreads non-uniformly across layers. The kept columns of o_proj / down_proj are 
 least squares to reproduce the dense output (engine.pruning.reconstruct), or, with
 compensation="bias", only the removed channels' mean contribution becomes a bias.
 Optionally (`heal_steps`), chosen budgets are then healed by distillation (engine.pruning.heal) on
-the calibration text outside the held-out end, and their plans carry the trained weights.
+the calibration text outside the held-out end, keeping the step that scores best on validation
+windows just before it, and their plans carry the trained weights.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 WIDTH_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 HEAL_BUDGETS = (0.25,)                   # healed when heal_steps > 0 (each costs heal_steps steps)
+HEAL_VAL_WINDOWS = 8                     # real windows before the held-out end that pick the healing step
 PROFILE_LIMITS = {"balanced": 1.10, "aggressive": 1.30}   # max perplexity ratio to dense
 
 
@@ -215,17 +217,20 @@ def split_windows(ids: list[int], window: int) -> list[list[int]]:
 
 
 def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[list[int]], steps: int,
-              lr: float, out_dir: Path) -> dict:
+              lr: float, out_dir: Path, val_windows: list[list[int]] | None = None) -> dict:
     """Heal the model `plan` slices from `model` (starting from its weights file, if any); write
-    `<plan name>.safetensors` into `out_dir` and point `plan.weights` at it. Returns the first and last distillation losses."""
+    `<plan name>.safetensors` into `out_dir` and point `plan.weights` at it. Returns the first and
+    last distillation losses and, with `val_windows`, the validation KL curve and the step kept."""
     ckpt = load_checkpoint(model)
     student = LlamaModel.from_hf_state_dict(ckpt.config, apply_plan(ckpt.state_dict, ckpt.config, plan),
                                             teacher.rotary.cos.shape[0], torch.float32,
                                             teacher.embed_tokens.weight.device)
-    losses = heal(teacher, student, windows, steps, lr, desc=f"healing {plan.name}")
+    run = heal(teacher, student, windows, steps, lr, desc=f"healing {plan.name}", val_windows=val_windows)
     save_file(layer_tensors(student), str(out_dir / f"{plan.name}.safetensors"))
     plan.weights = f"{plan.name}.safetensors"
-    return {"steps": steps, "lr": lr, "kl_first": losses[0], "kl_last": losses[-1]}
+    return {"steps": steps, "lr": lr, "windows": len(windows), "val_windows": len(val_windows or []),
+            "kl_first": run["losses"][0], "kl_last": run["losses"][-1], "val_kl": run["val"],
+            "best_step": run["best_step"]}
 
 
 def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int = 4096, window: int = 512,
@@ -236,7 +241,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
 
     compensation: "least-squares" refits o_proj / down_proj (engine.pruning.reconstruct), "bias"
     only adds the removed channels' mean. heal_steps > 0 then heals the plans of `heal_budgets`
-    (engine.pruning.heal) on every window of the text except the held-out end."""
+    (engine.pruning.heal) on every window of the text before the held-out end but the last
+    HEAL_VAL_WINDOWS, which choose the step whose weights the plan keeps."""
     if num_tokens < window or eval_tokens < window:
         raise ValueError(f"calibration ({num_tokens}) and evaluation ({eval_tokens}) tokens must each fill at least "
                          f"one window of {window} tokens")
@@ -263,13 +269,15 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
     dense_ppl = perplexity(llm, held_out)
     PruningPlan.dense(llm.engine.model_config).save(out_dir / "dense.json")
     sweep = [{"plan": "dense", "width_fraction": 0.0, "perplexity": dense_ppl, "path": str(out_dir / "dense.json")}]
-    heal_windows = []
+    heal_windows, val_windows = [], []
     if heal_steps > 0:
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
         # Everything but the held-out end, with a window's margin before it.
-        heal_windows = split_windows(ids[:len(ids) - eval_tokens - window], window)
-        if not heal_windows:
+        real = split_windows(ids[:len(ids) - eval_tokens - window], window)
+        if len(real) < 2:
             raise ValueError(f"{data} is too short to heal on windows of {window} tokens")
+        num_val = max(1, min(HEAL_VAL_WINDOWS, len(real) // 4))
+        heal_windows, val_windows = real[:-num_val], real[-num_val:]
     for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
         plan, tensors = width_plan(imp, llm, fraction, f"width-{fraction:.2f}",
                                    stats if compensation == "least-squares" else None)
@@ -279,7 +287,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
             plan.weights = f"{plan.name}.safetensors"
         point = {"plan": plan.name, "width_fraction": fraction, "compensation": compensation}
         if heal_steps > 0 and any(math.isclose(fraction, b) for b in heal_budgets):
-            point["healing"] = heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr, out_dir)
+            point["healing"] = heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr,
+                                         out_dir, val_windows)
         path = out_dir / f"{plan.name}.json"
         plan.save(path)
         pruned = LLM(EngineConfig(model=model, dtype=dtype, plan=str(path), scheduler=base.scheduler))
