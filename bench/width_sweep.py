@@ -4,12 +4,14 @@
 
 For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
 end of WikiText-2 (calibration reads the start), greedy token agreement with dense on Alpaca
-instructions, and prefill and decode tok/s measured in this same run. Writes a markdown table,
-JSON and a PNG plot of quality against speed with the Pareto front.
+instructions, and prefill and decode tok/s measured in this same run, in rounds that time every
+plan once (the median of `--repeats` rounds is reported). Writes a markdown table, JSON and a PNG
+plot of quality against speed with the Pareto front.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -48,15 +50,35 @@ def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int, repeats: int =
     return statistics.median(prefill), statistics.median(decode)
 
 
-def evaluate(model: str, plan: str | None, held_out, instructions, speed_prompts, args) -> dict:
-    llm = LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, cache=CacheConfig(enable_prefix_caching=False),
-                           scheduler=SchedulerConfig(max_model_len=args.window + args.max_tokens + 64,
-                                                     max_num_batched_tokens=args.window * 4)))
+def engine_for(model: str, plan: str | None, args) -> LLM:
+    return LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, cache=CacheConfig(enable_prefix_caching=False),
+                            scheduler=SchedulerConfig(max_model_len=args.window + args.max_tokens + 64,
+                                                      max_num_batched_tokens=args.window * 4)))
+
+
+def evaluate(model: str, plan: str | None, held_out, instructions, args) -> dict:
+    llm = engine_for(model, plan, args)
     chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": i}]) for i in instructions]
     outs = llm.generate(chats, SamplingParams(max_tokens=args.max_tokens, temperature=0))
-    prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens, args.repeats)
-    return {"perplexity": perplexity(llm, held_out(llm.tokenizer)), "prefill_tok_s": prefill,
-            "decode_tok_s": decode, "greedy": [o.outputs[0].token_ids for o in outs]}
+    return {"perplexity": perplexity(llm, held_out(llm.tokenizer)), "greedy": [o.outputs[0].token_ids for o in outs]}
+
+
+def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_prompts, args) -> dict[str, tuple]:
+    """{label: (prefill tok/s, decode tok/s)}, each the median of `args.repeats` rounds. Every round
+    loads and times every plan once, starting one plan later than the round before, so that slow
+    spells of the machine spread over all plans instead of landing on whichever ran first."""
+    samples = {label: ([], []) for label, _ in plans}
+    for r in range(args.repeats):
+        for label, plan in plans[r % len(plans):] + plans[:r % len(plans)]:
+            llm = engine_for(model, plan, args)
+            prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens, repeats=1)
+            samples[label][0].append(prefill)
+            samples[label][1].append(decode)
+            del llm
+            gc.collect()
+            print(f"  round {r + 1}/{args.repeats} {label}: prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s",
+                  flush=True)
+    return {label: (statistics.median(p), statistics.median(d)) for label, (p, d) in samples.items()}
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -98,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per plan; the median is reported")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timing rounds over all plans; each plan's median is reported")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
 
@@ -118,12 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     # calibration.json records which plans were healed (every least-squares plan has a weights file).
     report = plans_dir / "calibration.json"
     healed = {p["plan"] for p in json.loads(report.read_text())["sweep"] if "healing" in p} if report.exists() else set()
+    runs = [("dense", None)] + [(p.stem, str(p)) for p in plans]
     points = []
-    for label, plan in [("dense", None)] + [(p.stem, str(p)) for p in plans]:
-        result = evaluate(args.model, plan, held_out, instructions, speed_prompts, args)
+    for label, plan in runs:
+        result = evaluate(args.model, plan, held_out, instructions, args)
         points.append({"plan": label, "dtype": args.dtype, "healed": label in healed, **result})
-        print(f"{label}: perplexity {result['perplexity']:.3f}, prefill {result['prefill_tok_s']:.0f} tok/s, "
-              f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
+        print(f"{label}: perplexity {result['perplexity']:.3f}", flush=True)
+    timings = interleaved_speed(args.model, runs, speed_prompts, args)
+    for p in points:
+        p["prefill_tok_s"], p["decode_tok_s"] = timings[p["plan"]]
     dense, reference = points[0], points[0]["greedy"]
     for p in points:
         p["agreement"] = sum(prefix_agreement(list(map(str, a)), list(map(str, b)))
