@@ -29,25 +29,21 @@ from engine.sampling_params import SamplingParams
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """(prefill tok/s of all prompts at once, aggregate decode tok/s of the same batch): medians of
-    `repeats` runs, after a warm-up run of the same shapes. Needs prefix caching off, so that every
+def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s of all prompts at once, aggregate decode tok/s of the same batch) of one
+    timed run, after a warm-up run of the same shapes. Needs prefix caching off, so that the timed
     run recomputes its prompts."""
     if llm.engine.config.cache.enable_prefix_caching:
         raise ValueError("speed() needs an engine without prefix caching")
     greedy = dict(temperature=0, ignore_eos=True)
     llm.generate(prompts, SamplingParams(max_tokens=decode_tokens + 1, **greedy))        # warm-up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
-        prefill_s = time.perf_counter() - t
-        t = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=decode_tokens + 1, **greedy))
-        decode_s = time.perf_counter() - t - prefill_s
-        prefill.append(sum(map(len, prompts)) / prefill_s)
-        decode.append(len(prompts) * decode_tokens / decode_s)
-    return statistics.median(prefill), statistics.median(decode)
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
+    prefill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=decode_tokens + 1, **greedy))
+    decode_s = time.perf_counter() - t - prefill_s
+    return sum(map(len, prompts)) / prefill_s, len(prompts) * decode_tokens / decode_s
 
 
 def engine_for(model: str, plan: str | None, args) -> LLM:
@@ -71,7 +67,7 @@ def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_pro
     for r in range(args.repeats):
         for label, plan in plans[r % len(plans):] + plans[:r % len(plans)]:
             llm = engine_for(model, plan, args)
-            prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens, repeats=1)
+            prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens)
             samples[label][0].append(prefill)
             samples[label][1].append(decode)
             del llm

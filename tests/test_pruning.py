@@ -169,8 +169,7 @@ def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_d
     text = " ".join(["The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon."] * 60)
     (tmp_path / "text.txt").write_text(text)
     runs = [calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=256, eval_tokens=128, window=64,
-                      out_dir=tmp_path / f"run{i}", heal_steps=2, heal_budgets=(0.5,))
-            for i in range(2)]
+                      out_dir=tmp_path / f"run{i}", heal_steps=2, heal_budgets=(0.5,)) for i in range(2)]
     assert runs[0]["sweep"] == [{**p, "path": p["path"].replace("run1", "run0")} for p in runs[1]["sweep"]]
     for name in ("importance.json", "dense.json", "balanced.json", "aggressive.json", "width-0.50.json",
                  "width-0.50.safetensors"):

@@ -73,7 +73,8 @@ def heal(teacher: LlamaModel, student: LlamaModel, windows: list[list[int]], ste
     """Train `student`'s layers for `steps` AdamW steps (linear warm-up, cosine decay) to match
     `teacher` on batches of equal-length `windows`. With `val_windows`, the KL on them is measured
     every `eval_every` steps and at the end, and the student keeps the weights of the best
-    measurement (early stopping, a guard for long runs on a few hundred thousand tokens). Returns {"losses": every step's training loss, "val": [(step, kl), ...], "best_step"}.
+    measurement (early stopping, a guard for long runs on a few hundred thousand tokens).
+    Returns {"losses": every step's training loss, "val": [(step, kl), ...], "best_step"}.
     Deterministic for fixed inputs and seed."""
     if steps <= 0:
         return {"losses": [], "val": [], "best_step": 0}
