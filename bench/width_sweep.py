@@ -30,20 +30,31 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s of all prompts at once, aggregate decode tok/s of the same batch) of one
-    timed run, after a warm-up run of the same shapes. Needs prefix caching off, so that the timed
-    run recomputes its prompts."""
-    if llm.engine.config.cache.enable_prefix_caching:
+    """(prefill tok/s, decode tok/s) of one timed run of the whole batch, after a warm-up run of the
+    same shapes. Both phases are timed directly from the engine's steps: prefill is the prompt
+    tokens over the time until every sequence holds its first token, decode the tokens generated
+    after that over the time to the end. Needs prefix caching off, so the timed run recomputes its
+    prompts."""
+    engine = llm.engine
+    if engine.config.cache.enable_prefix_caching:
         raise ValueError("speed() needs an engine without prefix caching")
-    greedy = dict(temperature=0, ignore_eos=True)
-    llm.generate(prompts, SamplingParams(max_tokens=decode_tokens + 1, **greedy))        # warm-up
-    t = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=1, **greedy))
-    prefill_s = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=decode_tokens + 1, **greedy))
-    decode_s = time.perf_counter() - t - prefill_s
-    return sum(map(len, prompts)) / prefill_s, len(prompts) * decode_tokens / decode_s
+    if engine.has_unfinished_requests():
+        raise ValueError("speed() needs an idle engine")
+    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
+    llm.generate(prompts, params)                                                        # warm-up
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"speed-{i}", prompt, params)
+    seqs = [seq for req in engine.requests.values() for seq in req.seqs]
+    start = time.perf_counter()
+    while any(seq.num_output_tokens == 0 for seq in seqs):
+        engine.step()
+    first_tokens = time.perf_counter()
+    generated_before = sum(seq.num_output_tokens for seq in seqs)
+    while engine.has_unfinished_requests():
+        engine.step()
+    decode_s = time.perf_counter() - first_tokens
+    decoded = sum(seq.num_output_tokens for seq in seqs) - generated_before
+    return sum(map(len, prompts)) / (first_tokens - start), decoded / decode_s
 
 
 def engine_for(model: str, plan: str | None, args) -> LLM:

@@ -65,3 +65,35 @@ def test_parse_sweep():
     for bad in (["nolabel"], ["x=dense"], ["x={bad json}"], ["x={}", "x={}"], ["x=[1]"]):
         with pytest.raises(ValueError):
             parse_sweep(bad, "http://base")
+
+
+def test_width_sweep_speed_times_prefill_and_decode_steps_directly(tiny_model_dir, monkeypatch):
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.llm import LLM
+    import bench.width_sweep as sweep
+
+    def make(prefix_caching=False):
+        return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
+                                cache=CacheConfig(num_blocks=64, enable_prefix_caching=prefix_caching),
+                                scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=16)))
+
+    llm = make()
+    # A clock that advances one second per engine step, so the rates count tokens per step.
+    clock = {"now": 0.0}
+    real_step = llm.engine.step
+
+    def step():
+        clock["now"] += 1.0
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", step)
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: clock["now"])
+    prompts = [list(range(3, 13)), list(range(20, 30)), list(range(40, 50))]   # 30 tokens, 16 per step
+    prefill, decode = sweep.speed(llm, prompts, decode_tokens=4)
+    # Two chunked prefill steps give every sequence its first token; decodes ride along in step 2
+    # (sequence 0's second token), so the decode phase has 11 tokens left in 4 steps.
+    assert prefill == 30 / 2
+    assert decode == 11 / 4
+    assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="prefix caching"):
+        sweep.speed(make(prefix_caching=True), prompts, decode_tokens=4)
