@@ -97,3 +97,25 @@ def test_width_sweep_speed_times_prefill_and_decode_steps_directly(tiny_model_di
     assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="prefix caching"):
         sweep.speed(make(prefix_caching=True), prompts, decode_tokens=4)
+
+
+def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_dir):
+    import argparse
+
+    from bench.decode_breakdown import GROUPS, breakdown, group_of
+
+    vocab = 300
+    assert group_of("aten::mm", [[8, 64], [64, vocab]], vocab) == "LM head"
+    assert group_of("aten::addmm", [[64], [8, 96], [96, 64]], vocab) == "layer matmuls"
+    assert group_of("aten::index_select", [[1024, 2, 16], [], [136]], vocab) == "KV gather"
+    assert group_of("aten::index_select", [[vocab, 64], [], [8]], vocab) == "other"     # embedding rows
+    assert group_of("aten::_scaled_dot_product_flash_attention_for_cpu", [], vocab) == "attention"
+    assert group_of("aten::index_copy_", [], vocab) == "KV write"
+
+    args = argparse.Namespace(dtype="float32", window=16, max_tokens=4, decode_tokens=4)
+    prompts = [list(range(3, 19)), list(range(20, 36))]
+    result = breakdown(str(tiny_model_dir), None, lambda tok: prompts, args)
+    assert set(result["profiled_ms"]) == set(GROUPS)
+    for group in ("layer matmuls", "LM head", "KV gather", "attention", "KV write"):
+        assert result["profiled_ms"][group] > 0, group
+    assert result["step_ms"] > 0
