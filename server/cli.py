@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--heal-steps", type=int, default=0,
                            help="distillation steps that heal each plan of --heal-budgets (default 0: compensation "
                                 "only; 6-8 s a step on 2 CPU cores for a 135M model)")
-    calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.25)")
+    calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.2,0.25)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
     calibrate.set_defaults(handler=calibrate_command)
     bench = commands.add_parser("bench", help="benchmarks")

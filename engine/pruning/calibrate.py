@@ -38,7 +38,7 @@ from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 WIDTH_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
-HEAL_BUDGETS = (0.25,)                   # healed when heal_steps > 0 (each costs heal_steps steps)
+HEAL_BUDGETS = (0.20, 0.25)              # healed when heal_steps > 0 (each costs heal_steps steps)
 HEAL_VAL_WINDOWS = 8                     # real windows before the held-out end that pick the healing step
 PROFILE_LIMITS = {"balanced": 1.10, "aggressive": 1.30}   # max perplexity ratio to dense
 
