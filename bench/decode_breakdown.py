@@ -6,8 +6,9 @@ Runs the width sweep's speed batch (8 prompts of 512 tokens from the middle of W
 profiles (torch.profiler, CPU self time) every decode step after the whole batch holds its first
 token. Ops are grouped into the layers' weight matmuls, the LM head, the KV-cache gather, the
 attention op, the KV-cache write and everything else; each group's median over the steps is
-reported next to the median wall time of a step in a run without the profiler. Width pruning can only shrink the first group (and the attention
-of fewer KV heads), which bounds the decode speed-up a plan can reach.
+reported next to the median wall time of a step in a run without the profiler. Width pruning
+can only shrink the first group (and the attention of fewer KV heads), which bounds the decode
+speed-up a plan can reach.
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (args.data_dir / "wikitext2-valid.txt").read_text()
     middle = text[len(text) // 3:]
     prompts_for = lambda tok: token_windows(tok, middle, args.speed_batch * args.window, args.window)
-    # The first engine of a process runs slower (its memory is touched for the first time), which
+    # The first engine of a process ran slower here (its KV gather, 20x under the profiler), which
     # would land on dense: one discarded pass first.
     breakdown(args.model, None, prompts_for, args)
     results = {}
