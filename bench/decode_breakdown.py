@@ -22,11 +22,10 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.width_sweep import DATA_DIR, engine_for
+from bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for
 from engine.llm import LLM
 from engine.pruning.calibrate import token_windows
 from engine.pruning.profiles import profile_dir
-from engine.sampling_params import SamplingParams
 
 GROUPS = ("layer matmuls", "LM head", "KV gather", "attention", "KV write", "other")
 
@@ -50,10 +49,7 @@ def decode_steps(llm: LLM, prompts: list[list[int]], decode_tokens: int, profile
     of cache pages can, shows up as one outlier instead of raising a mean)."""
     engine = llm.engine
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"breakdown-{i}", prompt, params)
-    seqs = [seq for req in engine.requests.values() for seq in req.seqs]
+    seqs = add_batch(llm, prompts, decode_tokens, "breakdown")
     while any(seq.num_output_tokens == 0 for seq in seqs):
         engine.step()
     steps = []
@@ -76,7 +72,7 @@ def breakdown(model: str, plan: str | None, prompts_for, args) -> dict:
     """Median wall time of a decode step and the median profiled ms of each group over the steps."""
     llm = engine_for(model, plan, args)
     prompts = prompts_for(llm.tokenizer)
-    llm.generate(prompts, SamplingParams(max_tokens=args.decode_tokens + 1, temperature=0, ignore_eos=True))
+    llm.generate(prompts, batch_params(args.decode_tokens))                               # warm-up
     walls = decode_steps(llm, prompts, args.decode_tokens, profiled=False)
     profiled = decode_steps(llm, prompts, args.decode_tokens, profiled=True)
     del llm

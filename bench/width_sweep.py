@@ -29,6 +29,21 @@ from engine.sampling_params import SamplingParams
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def batch_params(decode_tokens: int) -> SamplingParams:
+    """Greedy, EOS ignored: every sequence of a timed batch runs exactly `decode_tokens` decode steps."""
+    return SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
+
+
+def add_batch(llm: LLM, prompts: list[list[int]], decode_tokens: int, tag: str) -> list:
+    """Add `prompts` to an idle engine as one batch; returns their sequences, to step and watch."""
+    engine = llm.engine
+    if engine.has_unfinished_requests():
+        raise ValueError("timing a batch needs an idle engine")
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", prompt, batch_params(decode_tokens))
+    return [seq for req in engine.requests.values() for seq in req.seqs]
+
+
 def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of one timed run of the whole batch, after a warm-up run of the
     same shapes. Both phases are timed directly from the engine's steps: prefill is the prompt
@@ -38,13 +53,10 @@ def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float
     engine = llm.engine
     if engine.config.cache.enable_prefix_caching:
         raise ValueError("speed() needs an engine without prefix caching")
-    if engine.has_unfinished_requests():
+    if engine.has_unfinished_requests():          # the warm-up would run them to the end
         raise ValueError("speed() needs an idle engine")
-    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
-    llm.generate(prompts, params)                                                        # warm-up
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"speed-{i}", prompt, params)
-    seqs = [seq for req in engine.requests.values() for seq in req.seqs]
+    llm.generate(prompts, batch_params(decode_tokens))                                   # warm-up
+    seqs = add_batch(llm, prompts, decode_tokens, "speed")
     start = time.perf_counter()
     while any(seq.num_output_tokens == 0 for seq in seqs):
         engine.step()
