@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -83,8 +84,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         q, kv = spec.num_heads * config.head_dim, spec.num_kv_heads * config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, q + 2 * kv, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q, config.hidden_size, bias=spec.attn_out_bias)
+        self.qkv_proj = Linear(config.hidden_size, q + 2 * kv, bias=config.attention_bias)
+        self.o_proj = Linear(q, config.hidden_size, bias=spec.attn_out_bias)
         # When pruning left unequal query groups, query head j sits at slot virtual_q_heads[j] of a
         # virtual layout with `group` slots per kept KV head, so slot // group is its KV head.
         self.group = config.num_heads // config.num_kv_heads
@@ -117,8 +118,8 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, out_bias: bool = False) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=out_bias)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -179,7 +180,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in specs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config, max_positions)

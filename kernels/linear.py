@@ -1,0 +1,43 @@
+"""The model's linear layer: nn.Linear with one CPU dispatch for decode-sized batches.
+
+F.linear computes y = x @ W^T. On CPU in float32, for a few rows (a decode step's tokens), the
+same product mostly runs 1.1-4x faster as y = (W @ x^T)^T, where the weight's rows are the GEMM's
+long first dimension. From about 128 rows on (prefill) F.linear is as fast or faster. bfloat16
+(where the weight-major form was slower) and CUDA keep F.linear.
+`python -m bench.cpu_linear` measures both forms at the model's shapes, with weights that do not
+fit in cache as in a real forward, and the decode step of the engine with the dispatch off and on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Row counts up to this take the weight-major form. bench/results/cpu-linear.json (SmolLM2-135M's
+# projections): 1.1-4.4x faster from 2 to 64 rows, except down_proj at 8 rows (0.8x); even at 1 row;
+# slower for the LM head from 128 rows and for every projection at 1024.
+SMALL_BATCH_ROWS = 64
+
+
+def uses_weight_major(x: torch.Tensor) -> bool:
+    """Whether `linear` computes (W @ x^T)^T for input x."""
+    return (x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == torch.float32
+            and x.device.type == "cpu")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), contiguous [..., out], in the faster GEMM form for x."""
+    if not uses_weight_major(x):
+        return F.linear(x, weight, bias)
+    if bias is None:
+        out = torch.mm(weight, x.t())                       # [out, rows]
+    else:
+        out = torch.addmm(bias.unsqueeze(1), weight, x.t())
+    return out.t().contiguous()                             # [rows, out]; callers view() it
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose forward is `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

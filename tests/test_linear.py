@@ -1,0 +1,37 @@
+"""kernels.linear: the weight-major form for decode-sized float32 batches equals F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.linear import SMALL_BATCH_ROWS, Linear, uses_weight_major
+
+
+@pytest.mark.parametrize("rows", [1, 7, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear_in_value_shape_layout_and_gradient(rows, bias):
+    torch.manual_seed(rows)
+    layer = Linear(40, 24, bias=bias)
+    x = torch.randn(rows, 40, requires_grad=True)
+    out = layer(x)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = F.linear(ref_x, layer.weight, layer.bias)
+    assert out.shape == (rows, 24) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(rows, 24)
+    out.backward(grad)
+    weight_grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight_grad, layer.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_only_small_float32_cpu_batches_take_the_weight_major_form():
+    assert uses_weight_major(torch.zeros(8, 16))
+    assert uses_weight_major(torch.zeros(SMALL_BATCH_ROWS, 16))
+    assert not uses_weight_major(torch.zeros(SMALL_BATCH_ROWS + 1, 16))   # prefill-sized
+    assert not uses_weight_major(torch.zeros(8, 16, dtype=torch.bfloat16))
+    assert not uses_weight_major(torch.zeros(2, 8, 16))                   # not a [rows, in] batch
+    layer = Linear(16, 4).to(torch.bfloat16)
+    x = torch.randn(3, 2, 16, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
