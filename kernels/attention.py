@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
+from kernels.launch import step_tensor
 
 
 @dataclass
@@ -96,7 +97,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         # One query per sequence: gather the padded keys of all sequences and run one batched call.
         keys = gather(k_cache, meta.key_slots).transpose(1, 2)   # [S, Hkv, L, D]
         values = gather(v_cache, meta.key_slots).transpose(1, 2)
-        mask = (meta.key_positions >= 0)[:, None, None, :]      # [S, 1, 1, L]
+        # [S, 1, 1, L] additive mask, built once per step: SDPA would convert a bool mask per layer.
+        mask = step_tensor(meta, f"decode_mask_{q.dtype}", (meta.key_positions,), lambda: torch.zeros(
+            meta.key_positions.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            meta.key_positions < 0, float("-inf"))[:, None, None, :])
         # A query group shares its KV head: fold the group into the query axis ([S, Hkv, G, D]),
         # the same math as enable_gqa, which on CPU falls back to an unfused path (10x slower in bf16).
         num_seqs, num_kv_heads = q.shape[0], keys.shape[1]
