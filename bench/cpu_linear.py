@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.linear import weight_major_linear
+
 COLD_BYTES = 256 << 20        # weight copies per timing: well past any L3
 
 
@@ -34,10 +36,6 @@ def shapes(hidden: int, ffn: int, q_size: int, kv_size: int, vocab: int) -> dict
     """(out, in) of each projection."""
     return {"qkv_proj": (q_size + 2 * kv_size, hidden), "o_proj": (hidden, q_size),
             "gate_up_proj": (2 * ffn, hidden), "down_proj": (hidden, ffn), "lm_head": (vocab, hidden)}
-
-
-def weight_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.mm(w, x.t()).t().contiguous()
 
 
 def time_form(form, x: torch.Tensor, weights: list[torch.Tensor], repeats: int) -> float:
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in rows:
             x = torch.randn(n, in_size).to(dtype)
             base = time_form(F.linear, x, weights, args.repeats)
-            transposed = time_form(weight_major, x, weights, args.repeats)
+            transposed = time_form(weight_major_linear, x, weights, args.repeats)
             results.append({"projection": name, "shape": [out_size, in_size], "rows": n,
                             "linear_ms": base, "weight_major_ms": transposed, "speedup": base / transposed})
             print(f"| {name} {out_size}x{in_size} | {n} | {base:.3f} | {transposed:.3f} | {base / transposed:.2f}x |",

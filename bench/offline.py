@@ -42,15 +42,19 @@ def copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
 @torch.inference_mode()
 def matmul_floor_s(model, batch: int, repeats: int = 5) -> float:
     """Seconds for one pass of `batch` rows through every weight matrix of `model` and nothing
-    else: the ceiling any engine on these weights reaches (no attention, norms or overhead)."""
+    else: the ceiling any engine on these weights reaches (no attention, norms or overhead). The
+    best pass of either GEMM form: F.linear, or the weight-major one Trident uses for few rows."""
+    from kernels.linear import weight_major_linear
+
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     x = torch.randn(batch, max(w.shape[1] for w in weights), dtype=weights[0].dtype)
     best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for w in weights:
-            torch.nn.functional.linear(x[:, :w.shape[1]], w)
-        best = min(best, time.perf_counter() - t)
+    for form in (torch.nn.functional.linear, weight_major_linear):
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for w in weights:
+                form(x[:, :w.shape[1]], w)
+            best = min(best, time.perf_counter() - t)
     return best
 
 

@@ -4,8 +4,9 @@ F.linear computes y = x @ W^T. On CPU in float32, for a few rows (a decode step'
 same product mostly runs 1.1-4x faster as y = (W @ x^T)^T, where the weight's rows are the GEMM's
 long first dimension. From about 128 rows on (prefill) F.linear is as fast or faster. bfloat16
 (where the weight-major form was slower) and CUDA keep F.linear.
-`python -m bench.cpu_linear` measures both forms at the model's shapes, with weights that do not
-fit in cache as in a real forward, and the decode step of the engine with the dispatch off and on.
+The figures are from a 2-core AMD EPYC VM (torch's MKL); `python -m bench.cpu_linear` measures both
+forms at the model's shapes on any CPU, with weights that do not fit in cache as in a real forward,
+and the engine's decode step with the dispatch off and on.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), contiguous [..., out], in the faster GEMM form for x."""
     if not uses_weight_major(x):
         return F.linear(x, weight, bias)
+    return weight_major_linear(x, weight, bias)
+
+
+def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for 2-D x, computed as (W @ x^T)^T, contiguous [rows, out]."""
     if bias is None:
         out = torch.mm(weight, x.t())                       # [out, rows]
     else:
