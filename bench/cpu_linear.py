@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from kernels.linear import weight_major_linear
 
 COLD_BYTES = 256 << 20        # weight copies per timing: well past any L3
+MAX_COPIES = 1024             # tiny shapes (tests) need no more
 
 
 def shapes(hidden: int, ffn: int, q_size: int, kv_size: int, vocab: int) -> dict[str, tuple[int, int]]:
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print("| projection | rows | F.linear ms | (W @ x^T)^T ms | speed-up |\n|---|---:|---:|---:|---:|")
     for name, (out_size, in_size) in shapes(args.hidden, args.ffn, args.q_size, args.kv_size, args.vocab).items():
-        copies = max(2, COLD_BYTES // (out_size * in_size * dtype.itemsize))
+        copies = min(max(2, COLD_BYTES // (out_size * in_size * dtype.itemsize)), MAX_COPIES)
         weights = [torch.randn(out_size, in_size).to(dtype) for _ in range(copies)]
         for n in rows:
             x = torch.randn(n, in_size).to(dtype)

@@ -119,3 +119,30 @@ def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_d
     for group in ("layer matmuls", "LM head", "KV gather", "attention", "KV write"):
         assert result["profiled_ms"][group] > 0, group
     assert result["step_ms"] > 0
+
+
+def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_and_on(tiny_model_dir, tmp_path):
+    import json
+
+    import kernels.linear
+    from bench import cpu_linear
+
+    out = tmp_path / "linear.json"
+    assert cpu_linear.main(["--hidden", "16", "--ffn", "24", "--q-size", "16", "--kv-size", "8", "--vocab", "40",
+                            "--rows", "1,9", "--repeats", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["projection"], r["rows"]) for r in results][:2] == [("qkv_proj", 1), ("qkv_proj", 9)]
+    assert {r["projection"] for r in results} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    assert all(r["linear_ms"] > 0 and r["weight_major_ms"] > 0 for r in results)
+    with pytest.raises(SystemExit):
+        cpu_linear.main(["--rows", "0"])
+
+    rows = kernels.linear.SMALL_BATCH_ROWS
+    out = tmp_path / "engine.json"
+    assert cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--window", "16", "--decode-tokens", "3",
+                            "--rounds", "2", "--json", str(out)]) == 0
+    (dense,) = json.loads(out.read_text())["results"]
+    assert dense["plan"] == "dense" and dense["off_ms"] > 0 and dense["on_ms"] > 0
+    assert kernels.linear.SMALL_BATCH_ROWS == rows           # the dispatch is left on
+    with pytest.raises(SystemExit, match="no plan"):
+        cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--plans", "width-0.99"])
