@@ -6,8 +6,8 @@
 For each projection of the model (SmolLM2-135M's shapes by default) and each row count: the median
 time per call of F.linear(x, W) and of (W @ x^T)^T made contiguous. Each timing cycles through
 copies of W that together exceed the CPU caches, as a forward pass streams 30 layers of weights;
-a single hot W would measure cache bandwidth instead. `kernels.linear.SMALL_BATCH_ROWS` is where
-the ratio crosses 1.
+a single hot W would measure cache bandwidth instead. `kernels.linear.SMALL_BATCH_ROWS` is set from
+these figures.
 
 --engine times the decode steps of the width sweep's speed batch (8 prompts of 512 tokens), dense
 and each plan, with the dispatch off (every projection through F.linear) and on, in alternating
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.offline import machine_info
 from kernels.linear import weight_major_linear
 
 COLD_BYTES = 256 << 20        # weight copies per timing: well past any L3
@@ -71,13 +71,15 @@ def engine_ab(args) -> list[dict]:
     for r in range(args.rounds):
         for label, plan in runs:
             llm = engine_for(args.model, plan, args)
-            prompts = token_windows(llm.tokenizer, text[len(text) // 3:], 8 * args.window, args.window)
+            prompts = token_windows(llm.tokenizer, text[len(text) // 3:], args.speed_batch * args.window, args.window)
             llm.generate(prompts, batch_params(args.decode_tokens))                      # warm-up
             order = list(settings) if r % 2 == 0 else list(settings)[::-1]
-            for setting in order:
-                kernels.linear.SMALL_BATCH_ROWS = settings[setting]
-                steps[label, setting] += decode_steps(llm, prompts, args.decode_tokens, profiled=False)
-            kernels.linear.SMALL_BATCH_ROWS = settings["on"]
+            try:
+                for setting in order:
+                    kernels.linear.SMALL_BATCH_ROWS = settings[setting]
+                    steps[label, setting] += decode_steps(llm, prompts, args.decode_tokens, profiled=False)
+            finally:
+                kernels.linear.SMALL_BATCH_ROWS = settings["on"]
             del llm
             gc.collect()
     results = []
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--plans", default="", help="--engine: comma-separated plan names next to dense")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--window", type=int, default=512, help="--engine: prompt tokens")
+    ap.add_argument("--speed-batch", type=int, default=8, help="--engine: sequences decoded together")
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args(argv)
     command = "python -m bench.cpu_linear " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -116,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         results = engine_ab(args)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"command": command, "torch": torch.__version__, "batch": 8,
-                                             "context": args.window, "results": results}, indent=1))
+            args.json.write_text(json.dumps({"command": command, "machine": machine_info(), "torch": torch.__version__,
+                                             "batch": args.speed_batch, "context": args.window,
+                                             "decode_tokens": args.decode_tokens, "rounds": args.rounds,
+                                             "results": results}, indent=1))
         return 0
     dtype = getattr(torch, args.dtype)
     try:
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": command,
-            "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+            "machine": machine_info(),
             "torch": torch.__version__, "dtype": args.dtype, "results": results}, indent=1))
     return 0
 

@@ -42,20 +42,37 @@ def copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
 @torch.inference_mode()
 def matmul_floor_s(model, batch: int, repeats: int = 5) -> float:
     """Seconds for one pass of `batch` rows through every weight matrix of `model` and nothing
-    else: the ceiling any engine on these weights reaches (no attention, norms or overhead). The
-    best pass of either GEMM form: F.linear, or the weight-major one Trident uses for few rows."""
+    else: the ceiling any engine on these weights reaches (no attention, norms or overhead). Each
+    matrix counts with the faster of two GEMM forms, F.linear or the weight-major one (what
+    kernels.linear picks from for float32 CPU batches), its best time over `repeats` passes."""
     from kernels.linear import weight_major_linear
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     x = torch.randn(batch, max(w.shape[1] for w in weights), dtype=weights[0].dtype)
-    best = float("inf")
+    best = [float("inf")] * len(weights)
     for form in (torch.nn.functional.linear, weight_major_linear):
         for _ in range(repeats):
-            t = time.perf_counter()
-            for w in weights:
+            for i, w in enumerate(weights):     # one pass streams every matrix, as a forward does
+                t = time.perf_counter()
                 form(x[:, :w.shape[1]], w)
-            best = min(best, time.perf_counter() - t)
-    return best
+                best[i] = min(best[i], time.perf_counter() - t)
+    return sum(best)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((l for l in f if l.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What a CPU figure depends on: the CPU, its bf16 matrix support, the threads torch uses."""
+    from engine.config import cpu_has_bf16_matmul
+    return {"cpu": cpu_model(), "bf16_matmul": cpu_has_bf16_matmul(), "threads": torch.get_num_threads()}
 
 
 def timed(fn) -> float:
@@ -194,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m bench.offline " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "batch": args.batch, "prefill_len": args.prefill_len,
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "machine": machine_info(), "torch": torch.__version__,
         "weight_bytes": weight_bytes, "copy_bandwidth_gb_s": copy_gbs, "results": results,
         # Weights-only matmul passes: decode can never beat these rates on this machine.
         "ceiling_decode_b1_tok_s": 1 / floor_b1, "ceiling_decode_batch_tok_s": args.batch / floor_batch,

@@ -1,12 +1,13 @@
 """The model's linear layer: nn.Linear with one CPU dispatch for decode-sized batches.
 
 F.linear computes y = x @ W^T. On CPU in float32, for a few rows (a decode step's tokens), the
-same product mostly runs 1.1-4x faster as y = (W @ x^T)^T, where the weight's rows are the GEMM's
-long first dimension. From about 128 rows on (prefill) F.linear is as fast or faster. bfloat16
-(where the weight-major form was slower) and CUDA keep F.linear.
-The figures are from a 2-core AMD EPYC VM (torch's MKL); `python -m bench.cpu_linear` measures both
-forms at the model's shapes on any CPU, with weights that do not fit in cache as in a real forward,
-and the engine's decode step with the dispatch off and on.
+same product mostly runs faster as y = (W @ x^T)^T, where the weight's rows are the GEMM's long
+first dimension: up to 4.4x at 4 rows and 1.0-2.1x at 8-64 rows, except down_proj at 8 rows
+(0.77x); the two forms are even at 1 row, and at 1024 rows F.linear is faster for every projection.
+bfloat16 (where the weight-major form was slower) and CUDA keep F.linear. The figures are from a
+2-core AMD EPYC VM (torch's MKL); `python -m bench.cpu_linear` measures both forms at the model's
+shapes on any CPU, with weights that do not fit in cache as in a real forward, and the engine's
+decode step with the dispatch off and on.
 """
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Row counts up to this take the weight-major form. bench/results/cpu-linear.json (SmolLM2-135M's
-# projections): 1.1-4.4x faster from 2 to 64 rows, except down_proj at 8 rows (0.8x); even at 1 row;
-# slower for the LM head from 128 rows and for every projection at 1024.
+# Row counts up to this take the weight-major form; 0 turns the dispatch off. The LM head sets it:
+# bench/results/cpu-linear.json has it 1.3x faster at 64 rows and 0.79x at 128, where the layer
+# projections still gain 1.04-1.25x.
 SMALL_BATCH_ROWS = 64
 
 
 def uses_weight_major(x: torch.Tensor) -> bool:
     """Whether `linear` computes (W @ x^T)^T for input x."""
     return (x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == torch.float32
-            and x.device.type == "cpu")
+            and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))   # autocast: bf16 GEMMs
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

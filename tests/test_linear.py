@@ -11,7 +11,8 @@ from kernels.linear import SMALL_BATCH_ROWS, Linear, uses_weight_major
 def test_linear_equals_f_linear_in_value_shape_layout_and_gradient(rows, bias):
     torch.manual_seed(rows)
     layer = Linear(40, 24, bias=bias)
-    x = torch.randn(rows, 40, requires_grad=True)
+    wide = torch.randn(rows, 50)
+    x = wide[:, 3:43].requires_grad_()          # strided rows, as a slice of a wider tensor
     out = layer(x)
     ref_x = x.detach().clone().requires_grad_()
     ref = F.linear(ref_x, layer.weight, layer.bias)
@@ -19,11 +20,12 @@ def test_linear_equals_f_linear_in_value_shape_layout_and_gradient(rows, bias):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn(rows, 24)
     out.backward(grad)
-    weight_grad = layer.weight.grad.clone()
-    layer.weight.grad = None
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
     ref.backward(grad)
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(weight_grad, layer.weight.grad, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, [p.grad for p in layer.parameters()]):     # weight, and bias if any
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_only_small_float32_cpu_batches_take_the_weight_major_form():
@@ -32,6 +34,8 @@ def test_only_small_float32_cpu_batches_take_the_weight_major_form():
     assert not uses_weight_major(torch.zeros(SMALL_BATCH_ROWS + 1, 16))   # prefill-sized
     assert not uses_weight_major(torch.zeros(8, 16, dtype=torch.bfloat16))
     assert not uses_weight_major(torch.zeros(2, 8, 16))                   # not a [rows, in] batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):                     # GEMMs would run in bf16
+        assert not uses_weight_major(torch.zeros(8, 16))
     layer = Linear(16, 4).to(torch.bfloat16)
     x = torch.randn(3, 2, 16, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

@@ -131,3 +131,33 @@ def test_prompt_logprobs_survive_preemption(tiny_model_dir):
         for got, want in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
             assert got.keys() == want.keys()
             assert all(abs(got[k] - want[k]) < 1e-4 for k in got)
+
+
+def test_cpu_decode_attention_shares_one_mask_per_step_and_rebuilds_it_for_new_positions():
+    import torch.nn.functional as F
+
+    from kernels.attention import AttentionMetadata, paged_attention_ref
+
+    torch.manual_seed(0)
+    block, kv_heads, group, dim = 4, 2, 3, 8
+    meta = AttentionMetadata.build([[0, 1, 2], [3]], [9, 3], [1, 1], block)     # padded to 9 keys
+    k_cache, v_cache = torch.randn(2, 4 * block, kv_heads, dim).unbind(0)
+    q = torch.randn(2, kv_heads * group, dim)
+
+    def expected(positions):
+        out = []
+        for s in range(2):
+            keep = positions[s] >= 0
+            keys = k_cache[meta.key_slots[s][keep]].repeat_interleave(group, 1).transpose(0, 1)
+            values = v_cache[meta.key_slots[s][keep]].repeat_interleave(group, 1).transpose(0, 1)
+            out.append(F.scaled_dot_product_attention(q[s][:, None], keys, values, scale=0.5)[:, 0])
+        return torch.stack(out)
+
+    first = paged_attention_ref(q, k_cache, v_cache, meta, 0.5)
+    (mask,) = [v[1] for v in meta.derived.values()]
+    assert paged_attention_ref(q, k_cache, v_cache, meta, 0.5).shape == first.shape
+    assert len(meta.derived) == 1 and next(iter(meta.derived.values()))[1] is mask   # every layer reuses it
+    torch.testing.assert_close(first, expected(meta.key_positions))
+    meta.key_positions = meta.key_positions.clone()
+    meta.key_positions[0, 2] = -1                                # a dropped token
+    torch.testing.assert_close(paged_attention_ref(q, k_cache, v_cache, meta, 0.5), expected(meta.key_positions))
