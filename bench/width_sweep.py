@@ -82,8 +82,9 @@ def evaluate(model: str, plan: str | None, held_out, instructions, args) -> dict
     return {"perplexity": perplexity(llm, held_out(llm.tokenizer)), "greedy": [o.outputs[0].token_ids for o in outs]}
 
 
-def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_prompts, args) -> dict[str, tuple]:
-    """{label: (prefill tok/s, decode tok/s)}, each the median of `args.repeats` rounds. Every round
+def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_prompts, args) -> dict[str, dict]:
+    """{label: {"prefill_tok_s", "decode_tok_s": medians of `args.repeats` rounds, "prefill_rounds",
+    "decode_rounds": every round's figure, in round order}}. Every round
     loads and times every plan once, starting one plan later than the round before, so that slow
     spells of the machine spread over all plans instead of landing on whichever ran first."""
     samples = {label: ([], []) for label, _ in plans}
@@ -97,7 +98,8 @@ def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_pro
             gc.collect()
             print(f"  round {r + 1}/{args.repeats} {label}: prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s",
                   flush=True)
-    return {label: (statistics.median(p), statistics.median(d)) for label, (p, d) in samples.items()}
+    return {label: {"prefill_tok_s": statistics.median(p), "decode_tok_s": statistics.median(d),
+                    "prefill_rounds": p, "decode_rounds": d} for label, (p, d) in samples.items()}
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: perplexity {result['perplexity']:.3f}", flush=True)
     timings = interleaved_speed(args.model, runs, speed_prompts, args)
     for p in points:
-        p["prefill_tok_s"], p["decode_tok_s"] = timings[p["plan"]]
+        p.update(timings[p["plan"]])
     dense, reference = points[0], points[0]["greedy"]
     for p in points:
         p["agreement"] = sum(prefix_agreement(list(map(str, a)), list(map(str, b)))

@@ -1,13 +1,13 @@
 """The model's linear layer: nn.Linear with one CPU dispatch for decode-sized batches.
 
 F.linear computes y = x @ W^T. On CPU in float32, for a few rows (a decode step's tokens), the
-same product mostly runs faster as y = (W @ x^T)^T, where the weight's rows are the GEMM's long
-first dimension: up to 4.4x at 4 rows and 1.0-2.1x at 8-64 rows, except down_proj at 8 rows
-(0.77x); the two forms are even at 1 row, and at 1024 rows F.linear is faster for every projection.
-bfloat16 (where the weight-major form was slower) and CUDA keep F.linear. The figures are from a
-2-core AMD EPYC VM (torch's MKL); `python -m bench.cpu_linear` measures both forms at the model's
-shapes on any CPU, with weights that do not fit in cache as in a real forward, and the engine's
-decode step with the dispatch off and on.
+same product can run faster as y = (W @ x^T)^T, where the weight's rows are the GEMM's long first
+dimension. At the model's shapes with cold weights (bench/results/cpu-linear.json): 2.2-3.0x
+faster at 4 rows, 1.3-1.7x at 8 (except down_proj, 0.81x), about even from 16 to 128 rows and at
+1 row, slower from 256. bfloat16 (where the weight-major form is slower at almost every shape)
+and CUDA keep F.linear. The figures are from a 2-core AMD EPYC VM (torch's MKL) and differ between
+runs by up to about 30%; `python -m bench.cpu_linear` measures both forms on any CPU, and the
+engine's decode step with the dispatch off and on.
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Row counts up to this take the weight-major form; 0 turns the dispatch off. The LM head sets it:
-# bench/results/cpu-linear.json has it 1.3x faster at 64 rows and 0.79x at 128, where the layer
-# projections still gain 1.04-1.25x.
+# Row counts up to this take the weight-major form; 0 turns the dispatch off. Past 64 rows the LM
+# head, the largest GEMM of a decode step, turns slower (0.96x at 128 rows, 0.81x at 256).
 SMALL_BATCH_ROWS = 64
 
 

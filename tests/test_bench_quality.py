@@ -146,3 +146,28 @@ def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_a
     assert kernels.linear.SMALL_BATCH_ROWS == rows           # the dispatch is left on
     with pytest.raises(SystemExit, match="no plan"):
         cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--plans", "width-0.99"])
+
+
+def test_interleaved_speed_rotates_the_plans_and_keeps_every_round(monkeypatch):
+    import argparse
+
+    from bench import width_sweep as sweep
+
+    order = []
+
+    class FakeLLM:
+        tokenizer = None
+
+    monkeypatch.setattr(sweep, "engine_for", lambda model, plan, args: FakeLLM())
+
+    def fake_speed(llm, prompts, decode_tokens):
+        order.append(len(order))
+        return 100.0 + len(order), 10.0 * len(order)
+
+    monkeypatch.setattr(sweep, "speed", fake_speed)
+    plans = [("dense", None), ("a", "a.json"), ("b", "b.json")]
+    result = sweep.interleaved_speed("m", plans, lambda tok: [], argparse.Namespace(repeats=3, decode_tokens=2))
+    # Round r starts at plan r: calls 1-3 are dense, a, b; 4-6 a, b, dense; 7-9 b, dense, a.
+    assert result["dense"]["decode_rounds"] == [10.0, 60.0, 80.0]
+    assert result["a"]["prefill_rounds"] == [102.0, 104.0, 109.0]
+    assert result["b"]["decode_tok_s"] == 50.0 and result["b"]["prefill_tok_s"] == 105.0
