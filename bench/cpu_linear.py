@@ -56,22 +56,17 @@ def engine_ab(args) -> list[dict]:
     """Median decode-step ms with kernels.linear's dispatch off and on, per plan, interleaved."""
     import kernels.linear
     from bench.decode_breakdown import decode_steps
-    from bench.width_sweep import DATA_DIR, batch_params, engine_for
-    from engine.pruning.calibrate import token_windows
+    from bench.width_sweep import DATA_DIR, batch_params, engine_for, plan_runs, speed_batch_prompts
     from engine.pruning.profiles import profile_dir
 
-    text = (DATA_DIR / "wikitext2-valid.txt").read_text()
-    runs = [("dense", None)] + [(name, str(profile_dir(args.model) / f"{name}.json"))
-                                for name in filter(None, args.plans.split(","))]
-    missing = [plan for _, plan in runs if plan and not Path(plan).exists()]
-    if missing:
-        raise SystemExit(f"error: no plan {missing[0]}; run `trident calibrate --model {args.model}`")
+    runs = plan_runs(args.plans, profile_dir(args.model), args.model)
+    prompts_for = speed_batch_prompts((DATA_DIR / "wikitext2-valid.txt").read_text(), args.speed_batch, args.window)
     settings = {"off": 0, "on": kernels.linear.SMALL_BATCH_ROWS}
     steps = {(label, s): [] for label, _ in runs for s in settings}
     for r in range(args.rounds):
         for label, plan in runs:
             llm = engine_for(args.model, plan, args)
-            prompts = token_windows(llm.tokenizer, text[len(text) // 3:], args.speed_batch * args.window, args.window)
+            prompts = prompts_for(llm.tokenizer)
             llm.generate(prompts, batch_params(args.decode_tokens))                      # warm-up
             order = list(settings) if r % 2 == 0 else list(settings)[::-1]
             try:

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for
+from bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for, plan_runs, speed_batch_prompts
 from engine.llm import LLM
-from engine.pruning.calibrate import token_windows
 from engine.pruning.profiles import profile_dir
 
 GROUPS = ("layer matmuls", "LM head", "KV gather", "attention", "KV write", "other")
@@ -96,17 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.max_tokens = args.decode_tokens
 
-    plans_dir = args.plans_dir or profile_dir(args.model)
-    runs = [("dense", None)]
-    for name in filter(None, args.plans.split(",")):
-        path = Path(name) if name.endswith(".json") else plans_dir / f"{name}.json"
-        if not path.exists():
-            print(f"error: no plan {path}; run `trident calibrate --model {args.model}`", file=sys.stderr)
-            return 1
-        runs.append((path.stem, str(path)))
+    runs = plan_runs(args.plans, args.plans_dir or profile_dir(args.model), args.model)
     text = (args.data_dir / "wikitext2-valid.txt").read_text()
-    middle = text[len(text) // 3:]
-    prompts_for = lambda tok: token_windows(tok, middle, args.speed_batch * args.window, args.window)
+    prompts_for = speed_batch_prompts(text, args.speed_batch, args.window)
     # The first engine of a process ran slower here (its KV gather, 20x under the profiler), which
     # would land on dense: one discarded pass first.
     breakdown(args.model, None, prompts_for, args)

@@ -69,6 +69,25 @@ def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float
     return sum(map(len, prompts)) / (first_tokens - start), decoded / decode_s
 
 
+def speed_batch_prompts(text: str, batch: int, window: int):
+    """tokenizer -> the timed batch: `batch` prompts of `window` tokens from the middle of
+    WikiText-2 (calibration reads its start, perplexity its end)."""
+    middle = text[len(text) // 3:]
+    return lambda tok: token_windows(tok, middle, batch * window, window)
+
+
+def plan_runs(names: str, plans_dir: Path, model: str) -> list[tuple[str, str | None]]:
+    """[(label, plan path)]: dense (no plan) first, then each comma-separated plan name (looked up
+    in `plans_dir`) or .json path. Exits with a message when a plan does not exist."""
+    runs = [("dense", None)]
+    for name in filter(None, names.split(",")):
+        path = Path(name) if name.endswith(".json") else plans_dir / f"{name}.json"
+        if not path.exists():
+            raise SystemExit(f"error: no plan {path}; run `trident calibrate --model {model}`")
+        runs.append((path.stem, str(path)))
+    return runs
+
+
 def engine_for(model: str, plan: str | None, args) -> LLM:
     return LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, cache=CacheConfig(enable_prefix_caching=False),
                             scheduler=SchedulerConfig(max_model_len=args.window + args.max_tokens + 64,
@@ -156,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = (args.data_dir / "alpaca-seed-tasks.jsonl").read_text().splitlines()
     instructions = [json.loads(l)["instruction"] for l in lines[-args.num_prompts:]]
     held_out = lambda tok: token_windows(tok, text, args.eval_tokens, args.window, from_end=True)
-    middle = text[len(text) // 3:]
-    speed_prompts = lambda tok: token_windows(tok, middle, args.speed_batch * args.window, args.window)
+    speed_prompts = speed_batch_prompts(text, args.speed_batch, args.window)
 
     # calibration.json records which plans were healed (every least-squares plan has a weights file).
     report = plans_dir / "calibration.json"
