@@ -4,9 +4,11 @@
 
 For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
 end of WikiText-2 (calibration reads the start), greedy token agreement with dense on Alpaca
-instructions, and prefill and decode tok/s measured in this same run, in rounds that time every
-plan once (the median of `--repeats` rounds is reported). Writes a markdown table, JSON and a PNG
-plot of quality against speed with the Pareto front.
+instructions, and prefill, batch decode and single-sequence decode tok/s measured in this same
+run, in rounds that time every plan once (the median of `--repeats` rounds is reported). Writes
+a markdown table, JSON and a PNG plot of quality against speed with the Pareto front. "GEMM weights" is the plan's share of the
+dense model's projection and LM-head weights: a decode step reads each of them once, so a decode
+that only read weights would speed up by its inverse.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from engine.llm import LLM
 from engine.pruning.calibrate import perplexity, token_windows
 from engine.pruning.profiles import profile_dir
 from engine.sampling_params import SamplingParams
+from kernels.linear import Linear
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -94,31 +97,45 @@ def engine_for(model: str, plan: str | None, args) -> LLM:
                                                       max_num_batched_tokens=args.window * 4)))
 
 
+def gemm_weights(llm: LLM) -> int:
+    """Weight elements of every GEMM a decode token runs through (each layer's projections and the
+    LM head): what a decode step reads from memory, once per step whatever the batch."""
+    return sum(m.weight.numel() for m in llm.engine.runner.model.modules() if isinstance(m, Linear))
+
+
 def evaluate(model: str, plan: str | None, held_out, instructions, args) -> dict:
     llm = engine_for(model, plan, args)
     chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": i}]) for i in instructions]
     outs = llm.generate(chats, SamplingParams(max_tokens=args.max_tokens, temperature=0))
-    return {"perplexity": perplexity(llm, held_out(llm.tokenizer)), "greedy": [o.outputs[0].token_ids for o in outs]}
+    return {"perplexity": perplexity(llm, held_out(llm.tokenizer)), "greedy": [o.outputs[0].token_ids for o in outs],
+            "gemm_weights": gemm_weights(llm)}
 
 
 def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_prompts, args) -> dict[str, dict]:
-    """{label: {"prefill_tok_s", "decode_tok_s": medians of `args.repeats` rounds, "prefill_rounds",
-    "decode_rounds": every round's figure, in round order}}. Every round
-    loads and times every plan once, starting one plan later than the round before, so that slow
-    spells of the machine spread over all plans instead of landing on whichever ran first."""
-    samples = {label: ([], []) for label, _ in plans}
+    """{label: {"prefill_tok_s", "decode_tok_s", "single_decode_tok_s": medians of `args.repeats`
+    rounds, and "prefill_rounds", "decode_rounds", "single_decode_rounds": every round's figure,
+    in round order}}. The batch figures time the whole speed batch; the single-sequence decode
+    runs the first `args.single_prompt` tokens of its first prompt alone for
+    `args.single_decode_tokens` steps (one sequence, as llama.cpp's token-generation benchmark).
+    Every round loads and times every plan once, starting one plan later than the round before,
+    so that slow spells of the machine spread over all plans instead of landing on whichever ran
+    first."""
+    keys = ("prefill", "decode", "single_decode")
+    samples = {label: {k: [] for k in keys} for label, _ in plans}
     for r in range(args.repeats):
         for label, plan in plans[r % len(plans):] + plans[:r % len(plans)]:
             llm = engine_for(model, plan, args)
-            prefill, decode = speed(llm, speed_prompts(llm.tokenizer), args.decode_tokens)
-            samples[label][0].append(prefill)
-            samples[label][1].append(decode)
+            prompts = speed_prompts(llm.tokenizer)
+            prefill, decode = speed(llm, prompts, args.decode_tokens)
+            _, single = speed(llm, [prompts[0][:args.single_prompt]], args.single_decode_tokens)
+            for key, value in zip(keys, (prefill, decode, single)):
+                samples[label][key].append(value)
             del llm
             gc.collect()
-            print(f"  round {r + 1}/{args.repeats} {label}: prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s",
-                  flush=True)
-    return {label: {"prefill_tok_s": statistics.median(p), "decode_tok_s": statistics.median(d),
-                    "prefill_rounds": p, "decode_rounds": d} for label, (p, d) in samples.items()}
+            print(f"  round {r + 1}/{args.repeats} {label}: prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s, "
+                  f"single-sequence decode {single:.1f} tok/s", flush=True)
+    return {label: {**{f"{k}_tok_s": statistics.median(v) for k, v in runs.items()},
+                    **{f"{k}_rounds": v for k, v in runs.items()}} for label, runs in samples.items()}
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -126,8 +143,9 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "prefill_tok_s", "prefill tok/s"), (axes[1], "decode_tok_s", "decode tok/s")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, label in ((axes[0], "prefill_tok_s", "prefill tok/s"), (axes[1], "decode_tok_s", "batch decode tok/s"),
+                           (axes[2], "single_decode_tok_s", "single-sequence decode tok/s")):
         xs, ys = [p[key] for p in points], [p["perplexity"] for p in points]
         ax.scatter(xs, ys, zorder=2)
         for p, x, y in zip(points, xs, ys):
@@ -160,10 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--single-prompt", type=int, default=64, help="prompt tokens of the single-sequence decode")
+    ap.add_argument("--single-decode-tokens", type=int, default=64, help="decode steps of the single-sequence decode")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timing rounds over all plans; each plan's median is reported")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
+    if not 1 <= args.single_prompt <= args.window or args.single_decode_tokens < 1:
+        ap.error(f"--single-prompt must be 1..--window ({args.window}) and --single-decode-tokens >= 1")
+    if args.single_prompt + args.single_decode_tokens > args.window + args.max_tokens + 63:
+        ap.error("--single-prompt + --single-decode-tokens must fit the engine's max_model_len "
+                 f"(--window + --max-tokens + 64 = {args.window + args.max_tokens + 64})")
 
     plans_dir = args.plans_dir or profile_dir(args.model)
     plans = sorted(plans_dir.glob("width-*.json"))
@@ -193,16 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         p["agreement"] = sum(prefix_agreement(list(map(str, a)), list(map(str, b)))
                              for a, b in zip(reference, p["greedy"])) / len(instructions)
-        for key in ("perplexity", "prefill_tok_s", "decode_tok_s"):
+        for key in ("perplexity", "gemm_weights", "prefill_tok_s", "decode_tok_s", "single_decode_tok_s"):
             p[f"{key}_vs_dense"] = p[key] / dense[key]
         del p["greedy"]
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = ["| plan | healed | perplexity | vs dense | agreement | prefill tok/s | vs dense | decode tok/s | vs dense |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [f"| plan | healed | perplexity | vs dense | agreement | GEMM weights | prefill tok/s | vs dense | "
+            f"batch-{args.speed_batch} decode tok/s | vs dense | 1-sequence decode tok/s | vs dense |", "|---|---|" + "---:|" * 10]
     for p in points:
-        rows.append(f"| {p['plan']} | {'yes' if p['healed'] else 'no'} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | {p['agreement']:.2f} | "
-                    f"{p['prefill_tok_s']:.0f} | {p['prefill_tok_s_vs_dense']:.2f}x | {p['decode_tok_s']:.1f} | "
-                    f"{p['decode_tok_s_vs_dense']:.2f}x |")
+        rows.append(f"| {p['plan']} | {'yes' if p['healed'] else 'no'} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | "
+                    f"{p['agreement']:.2f} | {p['gemm_weights_vs_dense']:.3f} | {p['prefill_tok_s']:.0f} | {p['prefill_tok_s_vs_dense']:.2f}x | "
+                    f"{p['decode_tok_s']:.1f} | {p['decode_tok_s_vs_dense']:.2f}x | {p['single_decode_tok_s']:.1f} | "
+                    f"{p['single_decode_tok_s_vs_dense']:.2f}x |")
     table = "\n".join(rows) + "\n"
     print(table)
     (args.output_dir / "width_sweep.md").write_text(table)

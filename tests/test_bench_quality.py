@@ -161,13 +161,58 @@ def test_interleaved_speed_rotates_the_plans_and_keeps_every_round(monkeypatch):
     monkeypatch.setattr(sweep, "engine_for", lambda model, plan, args: FakeLLM())
 
     def fake_speed(llm, prompts, decode_tokens):
-        order.append(len(order))
-        return 100.0 + len(order), 10.0 * len(order)
+        # Each plan runs the batch (3 prompts, 2 decode steps) and then its first prompt's first
+        # 4 tokens alone (5 steps); a figure is 10 x the index of the plan load (1-9).
+        if decode_tokens == 2:
+            assert len(prompts) == 3
+            order.append(len(order) + 1)
+            return 100.0 + order[-1], 10.0 * order[-1]
+        assert decode_tokens == 5 and prompts == [[0, 1, 2, 3]]
+        return 0.0, 1.0 * order[-1]
 
     monkeypatch.setattr(sweep, "speed", fake_speed)
     plans = [("dense", None), ("a", "a.json"), ("b", "b.json")]
-    result = sweep.interleaved_speed("m", plans, lambda tok: [], argparse.Namespace(repeats=3, decode_tokens=2))
-    # Round r starts at plan r: calls 1-3 are dense, a, b; 4-6 a, b, dense; 7-9 b, dense, a.
+    args = argparse.Namespace(repeats=3, decode_tokens=2, single_prompt=4, single_decode_tokens=5)
+    result = sweep.interleaved_speed("m", plans, lambda tok: [list(range(8))] * 3, args)
+    # Round r starts at plan r: loads 1-3 are dense, a, b; 4-6 a, b, dense; 7-9 b, dense, a.
     assert result["dense"]["decode_rounds"] == [10.0, 60.0, 80.0]
+    assert result["dense"]["single_decode_rounds"] == [1.0, 6.0, 8.0]
     assert result["a"]["prefill_rounds"] == [102.0, 104.0, 109.0]
     assert result["b"]["decode_tok_s"] == 50.0 and result["b"]["prefill_tok_s"] == 105.0
+    assert result["b"]["single_decode_tok_s"] == 5.0
+
+
+def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from bench import width_sweep as sweep
+    from engine.pruning.calibrate import calibrate
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "wikitext2-valid.txt").write_text(" ".join(["Once upon a time there was a dragon who slept."] * 200))
+    (data / "alpaca-seed-tasks.jsonl").write_text("\n".join(json.dumps({"instruction": f"Tell story {i}."})
+                                                            for i in range(3)))
+    calibrate(str(tiny_model_dir), data / "wikitext2-valid.txt", num_tokens=128, eval_tokens=64, window=64,
+              out_dir=tmp_path / "calib", compensation="bias")
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    shutil.copy(tmp_path / "calib" / "width-0.50.json", plans)
+    out = tmp_path / "out"
+    common = ["--model", str(tiny_model_dir), "--plans-dir", str(plans), "--data-dir", str(data),
+              "--dtype", "float32", "--eval-tokens", "64", "--window", "16", "--num-prompts", "2", "--max-tokens", "4",
+              "--speed-batch", "2", "--decode-tokens", "3", "--repeats", "1", "--output-dir", str(out)]
+    assert sweep.main(common + ["--single-prompt", "8", "--single-decode-tokens", "5"]) == 0
+    points = json.loads((out / "width_sweep.json").read_text())["points"]
+    assert [p["plan"] for p in points] == ["dense", "width-0.50"]
+    for p in points:
+        assert p["single_decode_tok_s"] > 0 and len(p["single_decode_rounds"]) == 1
+        assert p["decode_tok_s"] > 0 and p["prefill_tok_s"] > 0
+    assert points[0]["single_decode_tok_s_vs_dense"] == 1.0 and points[0]["gemm_weights_vs_dense"] == 1.0
+    assert 0.5 < points[1]["gemm_weights_vs_dense"] < 1.0
+    assert "| batch-2 decode tok/s |" in (out / "width_sweep.md").read_text()
+    assert (out / "width_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for bad in (["--single-prompt", "17"], ["--single-prompt", "8", "--single-decode-tokens", "200"]):
+        with pytest.raises(SystemExit):
+            sweep.main(common + bad)
