@@ -97,6 +97,15 @@ def engine_for(model: str, plan: str | None, args) -> LLM:
                                                       max_num_batched_tokens=args.window * 4)))
 
 
+def heal_steps(plan: str | None) -> int:
+    """Distillation steps that healed `plan`, from the calibration.json next to it (0: not healed,
+    or no record; every least-squares plan has a weights file, so the file alone does not tell)."""
+    if plan is None or not (report := Path(plan).parent / "calibration.json").exists():
+        return 0
+    entries = [p for p in json.loads(report.read_text())["sweep"] if p["plan"] == Path(plan).stem]
+    return entries[0]["healing"]["steps"] if entries and "healing" in entries[0] else 0
+
+
 def gemm_weights(llm: LLM) -> int:
     """Weight elements of every GEMM a decode token runs through (each layer's projections and the
     LM head): what a decode step reads from memory, once per step whatever the batch."""
@@ -171,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--plans-dir", type=Path, help="calibration output (default: where --plan PROFILE looks)")
+    ap.add_argument("--plans", help="comma-separated plan names (in --plans-dir) or .json paths (default: every "
+                                    "width-*.json of --plans-dir)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
@@ -191,25 +202,28 @@ def main(argv: list[str] | None = None) -> int:
                  f"(--window + --max-tokens + 64 = {args.window + args.max_tokens + 64})")
 
     plans_dir = args.plans_dir or profile_dir(args.model)
-    plans = sorted(plans_dir.glob("width-*.json"))
-    if not plans:
+    if args.plans:
+        runs = plan_runs(args.plans, plans_dir, args.model)
+    else:
+        runs = [("dense", None)] + [(p.stem, str(p)) for p in sorted(plans_dir.glob("width-*.json"))]
+    if len(runs) == 1:
         print(f"error: no width-*.json plans in {plans_dir}; run `trident calibrate --model {args.model}`",
               file=sys.stderr)
         return 1
+    labels = [label for label, _ in runs]
+    # Plans of the same name from two calibrations are told apart by their folder.
+    runs = [(label if labels.count(label) == 1 else f"{Path(plan).parent.name}/{label}", plan) for label, plan in runs]
     text = (args.data_dir / "wikitext2-valid.txt").read_text()
     lines = (args.data_dir / "alpaca-seed-tasks.jsonl").read_text().splitlines()
     instructions = [json.loads(l)["instruction"] for l in lines[-args.num_prompts:]]
     held_out = lambda tok: token_windows(tok, text, args.eval_tokens, args.window, from_end=True)
     speed_prompts = speed_batch_prompts(text, args.speed_batch, args.window)
 
-    # calibration.json records which plans were healed (every least-squares plan has a weights file).
-    report = plans_dir / "calibration.json"
-    healed = {p["plan"] for p in json.loads(report.read_text())["sweep"] if "healing" in p} if report.exists() else set()
-    runs = [("dense", None)] + [(p.stem, str(p)) for p in plans]
     points = []
     for label, plan in runs:
         result = evaluate(args.model, plan, held_out, instructions, args)
-        points.append({"plan": label, "dtype": args.dtype, "healed": label in healed, **result})
+        steps = heal_steps(plan)
+        points.append({"plan": label, "dtype": args.dtype, "healed": steps > 0, "heal_steps": steps, **result})
         print(f"{label}: perplexity {result['perplexity']:.3f}", flush=True)
     timings = interleaved_speed(args.model, runs, speed_prompts, args)
     for p in points:
@@ -222,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             p[f"{key}_vs_dense"] = p[key] / dense[key]
         del p["greedy"]
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = [f"| plan | healed | perplexity | vs dense | agreement | GEMM weights | prefill tok/s | vs dense | "
+    rows = [f"| plan | healing steps | perplexity | vs dense | agreement | GEMM weights | prefill tok/s | vs dense | "
             f"batch-{args.speed_batch} decode tok/s | vs dense | 1-sequence decode tok/s | vs dense |", "|---|---|" + "---:|" * 10]
     for p in points:
-        rows.append(f"| {p['plan']} | {'yes' if p['healed'] else 'no'} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | "
+        rows.append(f"| {p['plan']} | {p['heal_steps'] or 'no'} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | "
                     f"{p['agreement']:.2f} | {p['gemm_weights_vs_dense']:.3f} | {p['prefill_tok_s']:.0f} | {p['prefill_tok_s_vs_dense']:.2f}x | "
                     f"{p['decode_tok_s']:.1f} | {p['decode_tok_s_vs_dense']:.2f}x | {p['single_decode_tok_s']:.1f} | "
                     f"{p['single_decode_tok_s_vs_dense']:.2f}x |")

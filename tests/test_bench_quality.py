@@ -199,20 +199,26 @@ def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tm
     plans = tmp_path / "plans"
     plans.mkdir()
     shutil.copy(tmp_path / "calib" / "width-0.50.json", plans)
+    (plans / "calibration.json").write_text(json.dumps({"sweep": [{"plan": "width-0.50", "healing": {"steps": 7}}]}))
     out = tmp_path / "out"
     common = ["--model", str(tiny_model_dir), "--plans-dir", str(plans), "--data-dir", str(data),
               "--dtype", "float32", "--eval-tokens", "64", "--window", "16", "--num-prompts", "2", "--max-tokens", "4",
               "--speed-batch", "2", "--decode-tokens", "3", "--repeats", "1", "--output-dir", str(out)]
-    assert sweep.main(common + ["--single-prompt", "8", "--single-decode-tokens", "5"]) == 0
+    other = str(tmp_path / "calib" / "width-0.50.json")
+    assert sweep.main(common + ["--plans", f"width-0.50,{other}", "--single-prompt", "8",
+                                "--single-decode-tokens", "5"]) == 0
     points = json.loads((out / "width_sweep.json").read_text())["points"]
-    assert [p["plan"] for p in points] == ["dense", "width-0.50"]
+    assert [p["plan"] for p in points] == ["dense", "plans/width-0.50", "calib/width-0.50"]
+    assert [p["heal_steps"] for p in points] == [0, 7, 0] and points[1]["healed"]
     for p in points:
         assert p["single_decode_tok_s"] > 0 and len(p["single_decode_rounds"]) == 1
         assert p["decode_tok_s"] > 0 and p["prefill_tok_s"] > 0
     assert points[0]["single_decode_tok_s_vs_dense"] == 1.0 and points[0]["gemm_weights_vs_dense"] == 1.0
-    assert 0.5 < points[1]["gemm_weights_vs_dense"] < 1.0
-    assert "| batch-2 decode tok/s |" in (out / "width_sweep.md").read_text()
+    assert 0.5 < points[1]["gemm_weights_vs_dense"] == points[2]["gemm_weights_vs_dense"] < 1.0
+    table = (out / "width_sweep.md").read_text()
+    assert "| batch-2 decode tok/s |" in table and "| plans/width-0.50 | 7 |" in table
     assert (out / "width_sweep.png").read_bytes()[:4] == b"\x89PNG"
-    for bad in (["--single-prompt", "17"], ["--single-prompt", "8", "--single-decode-tokens", "200"]):
+    for bad in (["--single-prompt", "17"], ["--single-prompt", "8", "--single-decode-tokens", "200"],
+                ["--plans", "width-0.99"]):
         with pytest.raises(SystemExit):
             sweep.main(common + bad)
