@@ -4,7 +4,8 @@
     python -m bench.cpu_linear --engine [--plans width-0.20] [--rounds 3]
 
 For each projection of the model (SmolLM2-135M's shapes by default) and each row count: the median
-time per call of F.linear(x, W) and of (W @ x^T)^T made contiguous. Each timing cycles through
+time per call of F.linear(x, W) and of (W @ x^T)^T made contiguous (one row padded to two, as
+kernels.linear does; at one row the unpadded product is timed too). Each timing cycles through
 copies of W that together exceed the CPU caches, as a forward pass streams 30 layers of weights;
 a single hot W would measure cache bandwidth instead. `kernels.linear.SMALL_BATCH_ROWS` is set from
 these figures.
@@ -21,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     results = []
-    print("| projection | rows | F.linear ms | (W @ x^T)^T ms | speed-up |\n|---|---:|---:|---:|---:|")
+    print("| projection | rows | F.linear ms | (W @ x^T)^T ms | speed-up | one row unpadded ms |\n|---|---:|---:|---:|---:|---:|")
     for name, (out_size, in_size) in shapes(args.hidden, args.ffn, args.q_size, args.kv_size, args.vocab).items():
         copies = min(max(2, COLD_BYTES // (out_size * in_size * dtype.itemsize)), MAX_COPIES)
         weights = [torch.randn(out_size, in_size).to(dtype) for _ in range(copies)]
@@ -137,10 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(n, in_size).to(dtype)
             base = time_form(F.linear, x, weights, args.repeats)
             transposed = time_form(weight_major_linear, x, weights, args.repeats)
-            results.append({"projection": name, "shape": [out_size, in_size], "rows": n,
-                            "linear_ms": base, "weight_major_ms": transposed, "speedup": base / transposed})
-            print(f"| {name} {out_size}x{in_size} | {n} | {base:.3f} | {transposed:.3f} | {base / transposed:.2f}x |",
-                  flush=True)
+            result = {"projection": name, "shape": [out_size, in_size], "rows": n,
+                      "linear_ms": base, "weight_major_ms": transposed, "speedup": base / transposed}
+            if n == 1:     # the weight-major form pads one row to two; this is the product without it
+                result["unpadded_ms"] = time_form(partial(weight_major_linear, pad_one_row=False), x, weights,
+                                                  args.repeats)
+            results.append(result)
+            unpadded = f"{result['unpadded_ms']:.3f}" if n == 1 else ""
+            print(f"| {name} {out_size}x{in_size} | {n} | {base:.3f} | {transposed:.3f} | {base / transposed:.2f}x | "
+                  f"{unpadded} |", flush=True)
         del weights
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

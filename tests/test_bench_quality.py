@@ -134,6 +134,7 @@ def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_a
     assert [(r["projection"], r["rows"]) for r in results][:2] == [("qkv_proj", 1), ("qkv_proj", 9)]
     assert {r["projection"] for r in results} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
     assert all(r["linear_ms"] > 0 and r["weight_major_ms"] > 0 for r in results)
+    assert [("unpadded_ms" in r) for r in results[:2]] == [True, False]
     with pytest.raises(SystemExit):
         cpu_linear.main(["--rows", "0"])
 
