@@ -2,12 +2,14 @@
 
 F.linear computes y = x @ W^T. On CPU in float32, for a few rows (a decode step's tokens), the
 same product can run faster as y = (W @ x^T)^T, where the weight's rows are the GEMM's long first
-dimension. At the model's shapes with cold weights (bench/results/cpu-linear.json): 2.2-3.0x
-faster at 4 rows, 1.3-1.7x at 8 (except down_proj, 0.81x), about even from 16 to 128 rows and at
-1 row, slower from 256. bfloat16 (where the weight-major form is slower at almost every shape)
-and CUDA keep F.linear. The figures are from a 2-core AMD EPYC VM (torch's MKL) and differ between
-runs by up to about 30%; `python -m bench.cpu_linear` measures both forms on any CPU, and the
-engine's decode step with the dispatch off and on.
+dimension, and a single row runs faster still when padded to two (see weight_major_linear). At
+the model's shapes with cold weights (bench/results/cpu-linear.json, one run): 1.7-2.5x faster at
+1 row, 2.7-4.8x at 2, 2.1-3.7x at 4, 1.3-1.8x at 8 (except down_proj, 0.82x), 1.0-1.2x at 16,
+0.8-1.0x at 64 and slower from 256. bfloat16 (where the weight-major form is slower at almost
+every shape, bench/results/cpu-linear-bfloat16.json) and CUDA keep F.linear. The figures are from
+a 2-core AMD EPYC VM (torch's MKL) and differ between runs by up to about 30%; `python -m
+bench.cpu_linear` measures both forms on any CPU, and the engine's decode step with the dispatch
+off and on.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # Row counts up to this take the weight-major form; 0 turns the dispatch off. Past 64 rows the LM
-# head, the largest GEMM of a decode step, turns slower (0.96x at 128 rows, 0.81x at 256).
+# head, the largest GEMM of a decode step, turns slower (0.96x at 128 rows and 0.81x at 256 in
+# one run; at 64 rows runs have measured 1.07x and 0.81x).
 SMALL_BATCH_ROWS = 64
 
 
