@@ -41,7 +41,7 @@ def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """F.linear(x, weight, bias) for 2-D x, computed as (W @ x^T)^T, contiguous [rows, out].
 
     A one-row x is computed as two rows (the second zero) and the extra output dropped: BLAS runs
-    a one-column product as a matrix-vector product, which read the weights at well under half
+    a one-column product as a matrix-vector product, which reads the weights at well under half
     the rate of its two-column GEMM at every shape measured (`pad_one_row=False` keeps one row)."""
     rows = x.shape[0]
     if rows == 1 and pad_one_row:

@@ -39,3 +39,16 @@ def test_only_small_float32_cpu_batches_take_the_weight_major_form():
     layer = Linear(16, 4).to(torch.bfloat16)
     x = torch.randn(3, 2, 16, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_padded_to_two_equals_the_unpadded_product(bias):
+    from kernels.linear import weight_major_linear
+
+    torch.manual_seed(0)
+    weight, b = torch.randn(24, 40), (torch.randn(24) if bias else None)
+    x = torch.randn(3, 40)[1:2]                  # one row, a view into a larger tensor
+    padded, unpadded = weight_major_linear(x, weight, b), weight_major_linear(x, weight, b, pad_one_row=False)
+    assert padded.shape == unpadded.shape == (1, 24) and padded.is_contiguous()
+    torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
