@@ -163,7 +163,8 @@ def test_interleaved_speed_rotates_the_plans_and_keeps_every_round(monkeypatch):
 
     def fake_speed(llm, prompts, decode_tokens):
         # Each plan runs the batch (3 prompts, 2 decode steps) and then its first prompt's first
-        # 4 tokens alone (5 steps); a figure is 10 x the index of the plan load (1-9).
+        # 4 tokens alone (5 steps). Figures come from the index of the plan load (1-9): batch decode
+        # is 10 x it, single-sequence decode 1 x it.
         if decode_tokens == 2:
             assert len(prompts) == 3
             order.append(len(order) + 1)
