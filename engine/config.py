@@ -99,8 +99,8 @@ class EngineConfig:
     @property
     def resolved_dtype(self) -> str:
         """`auto` picks by measurement (bench/offline.py): bfloat16 on GPUs and on CPUs with bf16
-        matrix units (AMX / AVX512-BF16; on a 2-core AVX512-BF16 VM: 2.5x prefill, 2.1x 16-way and
-        2.0x batch-1 decode over float32); float32 on other CPUs, where bf16 matmuls are emulated
+        matrix units (AMX / AVX512-BF16; on a 2-core AVX512-BF16 VM: 2.3x prefill, 2.3x 16-way and
+        1.2x batch-1 decode over float32); float32 on other CPUs, where bf16 matmuls are emulated
         and slower."""
         if self.dtype != "auto":
             return self.dtype
