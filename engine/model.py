@@ -109,7 +109,7 @@ class Attention(nn.Module):
             out = paged_attention(q, k_cache, v_cache, meta, self.scale)           # [T, Hq, D]
         else:
             virtual = q.new_zeros(num_tokens, self.num_kv_heads * self.group, self.head_dim)
-            virtual[:, self.virtual_q_heads] = q
+            virtual.index_copy_(1, self.virtual_q_heads, q)
             out = paged_attention(virtual, k_cache, v_cache, meta, self.scale, kept_q_heads=self.virtual_q_heads)
         return self.o_proj(out.reshape(num_tokens, q_size))
 

@@ -73,13 +73,18 @@ class ModelRunner:
         hidden = self.model(ids, meta.query_positions, meta, self.kv_caches)
         out = RunnerOutput(num_tokens=len(input_ids))
         if logit_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+            # A decode step needs every row's logits: skip the row gathers (at 32 rows, copying
+            # [32, vocab] logits costs as much as a layer's attention).
+            if logit_rows != list(range(hidden.shape[0])):
+                hidden = hidden[torch.tensor(logit_rows, device=self.device)]
+            logits = self.model.compute_logits(hidden)
             for seq, rows, targets in prompt_lp:
                 lp = logits[rows].log_softmax(-1)
                 k = seq.params.prompt_logprobs
                 out.prompt_logprobs[seq.seq_id] = top_logprobs(lp, torch.tensor(targets, device=lp.device), k)
             if sample_seqs:
-                token_ids, logprobs = sample(logits[sample_rows], sample_seqs)
+                rows = logits if sample_rows == list(range(len(logit_rows))) else logits[sample_rows]
+                token_ids, logprobs = sample(rows, sample_seqs)
                 for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
                     out.sampled[seq.seq_id] = tok
                     if lp is not None:

@@ -161,9 +161,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if meta.is_decode:
             # One query per sequence: attending with every slot of q is cheap next to the K/V
             # gather, which per-head K/V would make `group` times larger (see decode_computes_all_heads).
-            return paged_attention_ref(q, k_cache, v_cache, meta, scale)[:, kept_q_heads]
+            return paged_attention_ref(q, k_cache, v_cache, meta, scale).index_select(1, kept_q_heads)
         group = q.shape[1] // k_cache.shape[1]
-        return paged_attention_ref(q[:, kept_q_heads], k_cache, v_cache, meta, scale, kept_q_heads // group)
+        return paged_attention_ref(q.index_select(1, kept_q_heads), k_cache, v_cache, meta, scale, kept_q_heads // group)
     # Imported here: the kernel modules need triton, which the plain CPU path does not.
     if meta.is_decode:
         from kernels.decode_attention import decode_attention, decode_attention_ref

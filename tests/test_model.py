@@ -85,6 +85,31 @@ def test_seeds_n_and_logprobs(tiny_model_dir):
             assert tok in lp and 1 <= len(lp) <= 3 and all(v <= 0 for v in lp.values())
 
 
+def test_penalties_and_logprobs_are_batch_invariant(tiny_model_dir):
+    # A decode step samples every row straight from the step's logits (no row copy), and
+    # penalties edit those logits in place: each row must still see only its own penalties.
+    llm = make_llm(tiny_model_dir)
+    penalised = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, frequency_penalty=1.5,
+                               presence_penalty=0.5, logprobs=2)
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def run(requests):
+        for i, (prompt, params) in enumerate(requests):
+            llm.engine.add_request(f"r{i}", llm.tokenizer.encode(prompt), params)
+        done = {}
+        while llm.engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0] for o in llm.engine.step() if o.finished})
+        return [done[f"r{i}"] for i in range(len(requests))]
+
+    [alone] = run([("Hello", penalised)])
+    [plain_alone] = run([("Hello", plain)])
+    assert alone.token_ids != plain_alone.token_ids          # the penalties change the tokens
+    together, plain_together = run([("Hello", penalised), ("Hello", plain)])
+    assert together.token_ids == alone.token_ids and plain_together.token_ids == plain_alone.token_ids
+    for got, want in zip(together.logprobs, alone.logprobs):
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-5 for k in got)
+
+
 def test_request_validation(tiny_model_dir):
     llm = make_llm(tiny_model_dir)
     with pytest.raises(ValueError, match="maximum context length is 256"):
