@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=16, help="Alpaca instructions for agreement")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--speed-batch", type=int, default=8)
+    ap.add_argument("--speed-window", type=int,
+                    help="prompt tokens of each timed batch prompt (default: --window, the perplexity window)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--single-prompt", type=int, default=64, help="prompt tokens of the single-sequence decode")
     ap.add_argument("--single-decode-tokens", type=int, default=64, help="decode steps of the single-sequence decode")
@@ -195,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="timing rounds over all plans; each plan's median is reported")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
-    if not 1 <= args.single_prompt <= args.window or args.single_decode_tokens < 1:
-        ap.error(f"--single-prompt must be 1..--window ({args.window}) and --single-decode-tokens >= 1")
+    args.speed_window = args.speed_window or args.window
+    if not 1 <= args.speed_window <= args.window:
+        ap.error(f"--speed-window must be 1..--window ({args.window})")
+    if not 1 <= args.single_prompt <= args.speed_window or args.single_decode_tokens < 1:
+        ap.error(f"--single-prompt must be 1..--speed-window ({args.speed_window}) and --single-decode-tokens >= 1")
     if args.single_prompt + args.single_decode_tokens > args.window + args.max_tokens + 63:
         ap.error("--single-prompt + --single-decode-tokens must fit the engine's max_model_len "
                  f"(--window + --max-tokens + 64 = {args.window + args.max_tokens + 64})")
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = (args.data_dir / "alpaca-seed-tasks.jsonl").read_text().splitlines()
     instructions = [json.loads(l)["instruction"] for l in lines[-args.num_prompts:]]
     held_out = lambda tok: token_windows(tok, text, args.eval_tokens, args.window, from_end=True)
-    speed_prompts = speed_batch_prompts(text, args.speed_batch, args.window)
+    speed_prompts = speed_batch_prompts(text, args.speed_batch, args.speed_window)
 
     points = []
     for label, plan in runs:
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         del p["greedy"]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     rows = [f"| plan | healing steps | perplexity | vs dense | agreement | GEMM weights | prefill tok/s | vs dense | "
-            f"batch-{args.speed_batch} decode tok/s | vs dense | 1-sequence decode tok/s | vs dense |", "|---|---|" + "---:|" * 10]
+            f"batch-{args.speed_batch} decode tok/s ({args.speed_window}-token prompts) | vs dense | 1-sequence decode tok/s | vs dense |", "|---|---|" + "---:|" * 10]
     for p in points:
         rows.append(f"| {p['plan']} | {p['heal_steps'] or 'no'} | {p['perplexity']:.2f} | {p['perplexity_vs_dense']:.3f}x | "
                     f"{p['agreement']:.2f} | {p['gemm_weights_vs_dense']:.3f} | {p['prefill_tok_s']:.0f} | {p['prefill_tok_s_vs_dense']:.2f}x | "

@@ -218,9 +218,12 @@ def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tm
     assert points[0]["single_decode_tok_s_vs_dense"] == 1.0 and points[0]["gemm_weights_vs_dense"] == 1.0
     assert 0.5 < points[1]["gemm_weights_vs_dense"] == points[2]["gemm_weights_vs_dense"] < 1.0
     table = (out / "width_sweep.md").read_text()
-    assert "| batch-2 decode tok/s |" in table and "| plans/width-0.50 | 7 |" in table
+    assert "| batch-2 decode tok/s (16-token prompts) |" in table and "| plans/width-0.50 | 7 |" in table
     assert (out / "width_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # A shorter timed batch than the perplexity window.
+    assert sweep.main(common + ["--plans", "width-0.50", "--speed-window", "12", "--single-prompt", "12"]) == 0
+    assert "| batch-2 decode tok/s (12-token prompts) |" in (out / "width_sweep.md").read_text()
     for bad in (["--single-prompt", "17"], ["--single-prompt", "8", "--single-decode-tokens", "200"],
-                ["--plans", "width-0.99"]):
+                ["--plans", "width-0.99"], ["--speed-window", "17"], ["--speed-window", "8", "--single-prompt", "9"]):
         with pytest.raises(SystemExit):
             sweep.main(common + bad)
