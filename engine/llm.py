@@ -15,13 +15,18 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[RequestOutput]:
-        """Run all prompts to completion (continuously batched); outputs in prompt order."""
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run all prompts to completion (continuously batched); outputs in prompt order. `params`
+        is shared by every prompt, or a list with one entry per prompt."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
         order = []
-        for prompt in prompts:
+        for prompt, prompt_params in zip(prompts, per_prompt):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, ids, params)
+            self.engine.add_request(request_id, ids, prompt_params)
             order.append(request_id)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():

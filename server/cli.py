@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "only; 6-8 s a step on 2 CPU cores for a 135M model)")
     calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.2,0.25)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
+    calibrate.add_argument("--heal-generated", type=int, default=0,
+                           help="windows of text the dense model writes (from the start of a healing window) "
+                                "added to the healing data (default 0)")
     calibrate.set_defaults(handler=calibrate_command)
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -112,7 +115,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     try:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
                            out_dir=Path(args.out) if args.out else None, heal_steps=args.heal_steps,
-                           heal_lr=args.heal_lr, compensation=args.compensation, **budgets)
+                           heal_lr=args.heal_lr, compensation=args.compensation,
+                           heal_generated=args.heal_generated, **budgets)
     except ValueError as e:
         print(f"trident calibrate: {e}", file=sys.stderr)
         return 2

@@ -120,6 +120,9 @@ def test_request_validation(tiny_model_dir):
         llm.engine.add_request("c", [10**6], SamplingParams())
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="1 sampling params for 2 prompts"):
+        llm.generate(["Hello", "Hi"], [SamplingParams()])
+    assert not llm.engine.has_unfinished_requests()                 # nothing was queued
 
 
 def test_tiny_temperature_is_greedy(tiny_model_dir):
