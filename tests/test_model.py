@@ -189,3 +189,60 @@ def test_cpu_decode_attention_shares_one_mask_per_step_and_rebuilds_it_for_new_p
     meta.key_positions = meta.key_positions.clone()
     meta.key_positions[0, 2] = -1                                # a dropped token
     torch.testing.assert_close(paged_attention_ref(q, k_cache, v_cache, meta, 0.5), expected(meta.key_positions))
+
+
+def test_decode_workspace_appends_between_decode_steps_and_matches_a_fresh_gather():
+    from kernels.attention import AttentionMetadata, DecodeWorkspace, paged_attention_ref
+
+    torch.manual_seed(0)
+    block, kv_heads, dim = 4, 2, 8
+    caches = [torch.randn(2, 16 * block, kv_heads, dim).unbind(0) for _ in range(2)]   # two layers
+    ws = DecodeWorkspace(max_bytes=1 << 20, margin=2)
+    tables, lens = [[0, 1, 2, 3], [4, 5, 6]], [5, 3]
+
+    def step(tables, lens, new=1):
+        meta = AttentionMetadata.build(tables, lens, [new] * len(lens), block)
+        meta.workspace = ws.start_step(meta)
+        q = torch.randn(len(lens) * new, kv_heads * 3, dim)
+        for k_cache, v_cache in caches:
+            k_cache[meta.slot_mapping] = torch.randn(len(meta.slot_mapping), kv_heads, dim)   # this step's keys
+            v_cache[meta.slot_mapping] = torch.randn(len(meta.slot_mapping), kv_heads, dim)
+            got = paged_attention_ref(q, k_cache, v_cache, meta, 0.5)
+            meta_plain = AttentionMetadata.build(tables, lens, [new] * len(lens), block)
+            assert torch.equal(got, paged_attention_ref(q, k_cache, v_cache, meta_plain, 0.5))
+
+    step(tables, lens)                                    # fills the buffers
+    assert (ws.gathers, ws.appends) == (2, 0)
+    for _ in range(3):                                    # appends, until the 2-key margin runs out
+        lens = [n + 1 for n in lens]
+        step(tables, lens)
+    assert (ws.gathers, ws.appends) == (4, 4)
+    step(tables[::-1], lens[::-1])                        # the same sequences in other rows: gathers
+    step(tables[:1], lens[:1])                            # a sequence left the batch: gathers
+    step(tables[:1], [lens[0] + 1])
+    assert (ws.gathers, ws.appends) == (8, 6)
+    assert ws.start_step(AttentionMetadata.build(tables[:1], [lens[0] + 3], [2], block)) is None   # prefill
+    step(tables[:1], [lens[0] + 4])                       # after a prefill step: gathers again
+    assert ws.gathers == 10
+    small = DecodeWorkspace(max_bytes=1)                  # no room: every layer gathers, nothing is kept
+    meta = AttentionMetadata.build(tables, lens, [1, 1], block)
+    meta.workspace = small.start_step(meta)
+    paged_attention_ref(torch.randn(2, kv_heads * 3, dim), *caches[0], meta, 0.5)
+    assert small.buffers == {} and small.gathers == 1
+
+
+def test_decode_workspace_changes_no_token(tiny_model_dir):
+    # Continuous batching with sequences of different lengths (the batch changes as they finish).
+    prompts = ["The quick brown fox jumps", "Once upon a time there was a dragon who", "Hi"]
+    runs = []
+    for memory in (0, 512 << 20):
+        llm = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
+                               cache=CacheConfig(num_blocks=64, decode_workspace_memory=memory),
+                               scheduler=SchedulerConfig(max_model_len=256)))
+        outs = [llm.generate(prompts[:n], SamplingParams(max_tokens=10 + 7 * n, temperature=0, ignore_eos=True))
+                for n in (1, 3)]
+        runs.append([o.outputs[0].token_ids for out in outs for o in out])
+        workspace = llm.engine.runner.workspace
+        assert (workspace is None) == (memory == 0)
+    assert runs[0] == runs[1]
+    assert workspace.appends > 10 * workspace.gathers > 0
