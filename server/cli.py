@@ -51,6 +51,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--block-size", type=int, help="tokens per KV block")
     add("--kv-cache-memory", type=parse_size, help="KV cache size, e.g. 1GiB (ignored with --num-kv-blocks)")
     add("--num-kv-blocks", type=int, help="explicit KV block count")
+    add("--decode-workspace-memory", type=parse_size,
+        help="CPU decode: memory for the running batch's keys and values kept gathered between steps, "
+             "e.g. 512MiB (0: gather them every step)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="do not share KV blocks of identical prompt prefixes across requests")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -140,7 +143,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = CacheConfig(enable_prefix_caching=args.enable_prefix_caching,
                         **given(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                                kv_cache_memory=args.kv_cache_memory))
+                                kv_cache_memory=args.kv_cache_memory,
+                                decode_workspace_memory=args.decode_workspace_memory))
     scheduler = SchedulerConfig(**given(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                         max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_waiting=args.max_waiting))
