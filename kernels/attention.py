@@ -8,6 +8,9 @@ keys through a block table.
 
 Causality compares original positions (`key_positions` <= query position), never indices, so a
 length-pruning policy can later keep an arbitrary subset of slots without renumbering.
+
+The CPU path gathers keys and values out of the cache for torch's SDPA; in decode, a
+DecodeWorkspace keeps them gathered from one step to the next, so a step copies only its new keys.
 """
 from __future__ import annotations
 
