@@ -98,6 +98,7 @@ def workspace_ab(model: str, runs, prompts_for, args) -> dict:
             prompts = prompts_for(llm.tokenizer)
             llm.generate(prompts, batch_params(args.decode_tokens))                      # warm-up
             for setting in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                workspace.reset()                    # steps taken while it was off are not in it
                 llm.engine.runner.workspace = workspace if setting == "on" else None
                 steps[label, setting] += decode_steps(llm, prompts, args.decode_tokens, profiled=False)
             del llm

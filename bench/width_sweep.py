@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="timing rounds over all plans; each plan's median is reported")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
-    args.speed_window = args.speed_window or args.window
+    args.speed_window = args.window if args.speed_window is None else args.speed_window
     if not 1 <= args.speed_window <= args.window:
         ap.error(f"--speed-window must be 1..--window ({args.window})")
     if not 1 <= args.single_prompt <= args.speed_window or args.single_decode_tokens < 1:

@@ -59,8 +59,8 @@ class CacheConfig:
     num_blocks: int | None = None        # explicit block count; None = derive from kv_cache_memory
     kv_cache_memory: int = 1 << 30       # bytes for K and V of all layers, used when num_blocks is None
     enable_prefix_caching: bool = True   # share full blocks of identical prefixes across requests
-    # CPU decode: bytes for each layer's keys and values of the running batch, kept gathered from
-    # one decode step to the next (kernels.attention.DecodeWorkspace); 0 gathers them every step.
+    # CPU decode: bytes (all layers together) for the running batch's keys and values, kept gathered
+    # from one decode step to the next (kernels.attention.DecodeWorkspace); 0 gathers them every step.
     decode_workspace_memory: int = 512 << 20
 
     def __post_init__(self) -> None:

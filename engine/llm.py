@@ -19,7 +19,7 @@ class LLM:
                  params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
         """Run all prompts to completion (continuously batched); outputs in prompt order. `params`
         is shared by every prompt, or a list with one entry per prompt."""
-        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
         order = []

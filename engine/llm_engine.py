@@ -160,6 +160,8 @@ class LLMEngine:
             outputs.append(self._make_output(req))
             if req.finished:
                 del self.requests[req.request_id]
+        if not self.requests and self.runner.workspace is not None:
+            self.runner.workspace.reset()        # idle: give the decode workspace's memory back
         return outputs
 
     def _account(self, result: RunnerOutput) -> None:

@@ -81,8 +81,9 @@ class ModelRunner:
         out = RunnerOutput(num_tokens=len(input_ids))
         if logit_rows:
             # A decode step needs every row's logits: skip the row gathers (at 32 rows, copying
-            # the [32, vocab] logits took 1.6 ms of a 100 ms step).
-            if logit_rows != list(range(hidden.shape[0])):
+            # the [32, vocab] logits took 1.6 ms of a 100 ms step). Row lists only ever increase,
+            # so a full-length one holds every row.
+            if len(logit_rows) != hidden.shape[0]:
                 hidden = hidden[torch.tensor(logit_rows, device=self.device)]
             logits = self.model.compute_logits(hidden)
             for seq, rows, targets in prompt_lp:
@@ -90,8 +91,8 @@ class ModelRunner:
                 k = seq.params.prompt_logprobs
                 out.prompt_logprobs[seq.seq_id] = top_logprobs(lp, torch.tensor(targets, device=lp.device), k)
             if sample_seqs:
-                rows = logits if sample_rows == list(range(len(logit_rows))) else logits[sample_rows]
-                token_ids, logprobs = sample(rows, sample_seqs)
+                sample_logits = logits if len(sample_rows) == len(logit_rows) else logits[sample_rows]
+                token_ids, logprobs = sample(sample_logits, sample_seqs)
                 for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
                     out.sampled[seq.seq_id] = tok
                     if lp is not None:

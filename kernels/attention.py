@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.launch import step_tensor
+from kernels.launch import key_lens, step_tensor
 
 
 @dataclass
@@ -86,8 +86,8 @@ class DecodeWorkspace:
     the step before it (the same sequences in the same rows, each row's keys those of the step
     before plus one), each layer appends its new keys to its buffers instead. Any other step, a
     batch change, or a buffer out of room gathers again, into buffers `margin` keys longer.
-    Buffers fill `max_bytes` at most; layers beyond it gather every step, as without a
-    workspace. The model runner calls `start_step` before each step; every cache write happens
+    Buffers of all layers together fill `max_bytes` at most; layers beyond it gather every step,
+    as without a workspace, and the engine frees them all when it runs out of requests. The model runner calls `start_step` before each step; every cache write happens
     in a step, so a layer whose buffers were filled in the step before still matches its cache.
     """
 
@@ -96,8 +96,14 @@ class DecodeWorkspace:
         self.step = 0
         self.buffers: dict[int, list] = {}          # id(k_cache) -> [keys, values, step filled]
         self.appends = self.gathers = 0            # layer calls of each kind, for tests and benchmarks
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None   # (key_slots, lens) of the step before
+        # (key_slots, key_positions, one past each row's last key) of the step before, if a decode step.
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._continues = False
+
+    def reset(self) -> None:
+        """Free the buffers and forget the step before (the next decode step gathers)."""
+        self.buffers.clear()
+        self._last, self._continues = None, False
 
     def start_step(self, meta: AttentionMetadata) -> "DecodeWorkspace | None":
         """Prepare for the step `meta` describes; returns self for a decode step, else None."""
@@ -105,13 +111,15 @@ class DecodeWorkspace:
         if not meta.is_decode:
             self._last, self._continues = None, False
             return None
-        lens = (meta.key_positions >= 0).sum(1)
+        ends = key_lens(meta.key_positions).long()
         last, self._continues = self._last, False
-        if last is not None and last[0].shape[0] == lens.shape[0] and torch.equal(lens, last[1] + 1):
-            width = last[0].shape[1]
-            kept = torch.arange(width, device=lens.device) < last[1][:, None]
-            self._continues = bool((meta.key_slots[:, :width] == last[0]).masked_fill(~kept, True).all())
-        self._last = (meta.key_slots, lens)
+        if last is not None and last[0].shape[0] == ends.shape[0] and torch.equal(ends, last[2] + 1):
+            # Every key of the step before is still there, in its column; the one new key is the
+            # column after each row's last (rows may hold dropped positions, -1, anywhere).
+            width, kept = last[0].shape[1], last[1] >= 0
+            same = (meta.key_slots[:, :width] == last[0]) & (meta.key_positions[:, :width] == last[1])
+            self._continues = bool(same.masked_fill(~kept, True).all())
+        self._last = (meta.key_slots, meta.key_positions, ends)
         return self
 
     def keys_values(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -122,7 +130,7 @@ class DecodeWorkspace:
         if (self._continues and entry is not None and entry[2] == self.step - 1 and entry[0].shape[0] == num_seqs
                 and entry[0].shape[1] >= width):
             rows = torch.arange(num_seqs, device=k_cache.device)
-            new = self._last[1] - 1                                  # each row's new key
+            new = self._last[2] - 1                                  # each row's new key
             entry[0][rows, new] = k_cache.index_select(0, meta.slot_mapping)
             entry[1][rows, new] = v_cache.index_select(0, meta.slot_mapping)
             entry[2] = self.step
@@ -130,6 +138,8 @@ class DecodeWorkspace:
             return entry[0][:, :width], entry[1][:, :width]
         self.gathers += 1
         reuse = entry is not None and entry[0].shape[0] == num_seqs and entry[0].shape[1] >= width
+        if not reuse:
+            self.buffers.pop(id(k_cache), None)                      # freed before its successor exists
         capacity = entry[0].shape[1] if reuse else width + self.margin
         shape = (num_seqs, capacity, *k_cache.shape[1:])
         held = sum(2 * b[0].numel() * b[0].element_size() for key, b in self.buffers.items() if key != id(k_cache))

@@ -244,6 +244,7 @@ def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tm
     assert sweep.main(common + ["--plans", "width-0.50", "--speed-window", "12", "--single-prompt", "12"]) == 0
     assert "| batch-2 decode tok/s (12-token prompts) |" in (out / "width_sweep.md").read_text()
     for bad in (["--single-prompt", "17"], ["--single-prompt", "8", "--single-decode-tokens", "200"],
-                ["--plans", "width-0.99"], ["--speed-window", "17"], ["--speed-window", "8", "--single-prompt", "9"]):
+                ["--plans", "width-0.99"], ["--speed-window", "17"], ["--speed-window", "0"],
+                ["--speed-window", "8", "--single-prompt", "9"]):
         with pytest.raises(SystemExit):
             sweep.main(common + bad)

@@ -200,16 +200,22 @@ def test_decode_workspace_appends_between_decode_steps_and_matches_a_fresh_gathe
     ws = DecodeWorkspace(max_bytes=1 << 20, margin=2)
     tables, lens = [[0, 1, 2, 3], [4, 5, 6]], [5, 3]
 
-    def step(tables, lens, new=1):
-        meta = AttentionMetadata.build(tables, lens, [new] * len(lens), block)
+    def metadata(tables, lens, dropped):
+        meta = AttentionMetadata.build(tables, lens, [1] * len(lens), block)
+        if dropped:                                       # a dropped token inside row 0
+            meta.key_positions = meta.key_positions.clone()
+            meta.key_positions[0, dropped] = -1
+        return meta
+
+    def step(tables, lens, dropped=None):
+        meta = metadata(tables, lens, dropped)
         meta.workspace = ws.start_step(meta)
-        q = torch.randn(len(lens) * new, kv_heads * 3, dim)
+        q = torch.randn(len(lens), kv_heads * 3, dim)
         for k_cache, v_cache in caches:
             k_cache[meta.slot_mapping] = torch.randn(len(meta.slot_mapping), kv_heads, dim)   # this step's keys
             v_cache[meta.slot_mapping] = torch.randn(len(meta.slot_mapping), kv_heads, dim)
             got = paged_attention_ref(q, k_cache, v_cache, meta, 0.5)
-            meta_plain = AttentionMetadata.build(tables, lens, [new] * len(lens), block)
-            assert torch.equal(got, paged_attention_ref(q, k_cache, v_cache, meta_plain, 0.5))
+            assert torch.equal(got, paged_attention_ref(q, k_cache, v_cache, metadata(tables, lens, dropped), 0.5))
 
     step(tables, lens)                                    # fills the buffers
     assert (ws.gathers, ws.appends) == (2, 0)
@@ -224,6 +230,12 @@ def test_decode_workspace_appends_between_decode_steps_and_matches_a_fresh_gathe
     assert ws.start_step(AttentionMetadata.build(tables[:1], [lens[0] + 3], [2], block)) is None   # prefill
     step(tables[:1], [lens[0] + 4])                       # after a prefill step: gathers again
     assert ws.gathers == 10
+    step(tables[:1], [lens[0] + 5], dropped=2)            # a token dropped: gathers, then appends after it
+    step(tables[:1], [lens[0] + 6], dropped=2)
+    step(tables[:1], [lens[0] + 7], dropped=3)            # another dropped: gathers
+    assert (ws.gathers, ws.appends) == (14, 8)
+    ws.reset()
+    assert ws.buffers == {}
     small = DecodeWorkspace(max_bytes=1)                  # no room: every layer gathers, nothing is kept
     meta = AttentionMetadata.build(tables, lens, [1, 1], block)
     meta.workspace = small.start_step(meta)
@@ -244,5 +256,6 @@ def test_decode_workspace_changes_no_token(tiny_model_dir):
         runs.append([o.outputs[0].token_ids for out in outs for o in out])
         workspace = llm.engine.runner.workspace
         assert (workspace is None) == (memory == 0)
+        assert workspace is None or workspace.buffers == {}          # freed once the engine is idle
     assert runs[0] == runs[1]
     assert workspace.appends > 10 * workspace.gathers > 0

@@ -222,16 +222,20 @@ def teacher_windows(llm: LLM, windows: list[list[int]], count: int, prompt_token
                     seed: int = 0) -> list[list[int]]:
     """`count` windows as long as `windows`' written by the model of `llm`: the first
     `prompt_tokens` (default: an eighth of a window, 64 of 512) of window i % len(windows),
-    continued by sampling at temperature 1 with seed `seed + i`, so each text is the same whatever
-    else is generated with it."""
+    continued by sampling at temperature 1 with seed `seed + i`: a window's text does not depend on
+    the others generated with it (up to the rounding of batched matmuls)."""
+    if count < 0:
+        raise ValueError(f"need a window count >= 0, got {count}")
+    if count == 0:
+        return []
     length = len(windows[0])
     prompt_tokens = length // 8 if prompt_tokens is None else prompt_tokens
-    if count < 0 or not 0 < prompt_tokens < length:
-        raise ValueError(f"need count >= 0 and 0 < prompt tokens < {length}, got {count} and {prompt_tokens}")
+    if not 0 < prompt_tokens < length:
+        raise ValueError(f"need 0 < prompt tokens < {length}, got {prompt_tokens}")
     prompts = [windows[i % len(windows)][:prompt_tokens] for i in range(count)]
     params = [SamplingParams(max_tokens=length - prompt_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
               for i in range(count)]
-    outs = llm.generate(prompts, params) if count else []
+    outs = llm.generate(prompts, params)
     return [prompt + out.outputs[0].token_ids for prompt, out in zip(prompts, outs)]
 
 
