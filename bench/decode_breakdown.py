@@ -4,8 +4,9 @@
 
 Runs the width sweep's speed batch (8 prompts of 512 tokens from the middle of WikiText-2), and
 profiles (torch.profiler, CPU self time) every decode step after the whole batch holds its first
-token. Ops are grouped into the layers' weight matmuls, the LM head, the KV-cache gather, the
-attention op, the KV-cache write and everything else; each group's median over the steps is
+token. Ops are grouped into the layers' weight matmuls, the LM head, the KV-cache gather (with
+the CPU decode workspace: its appends, and its gathers when the batch changes), the attention
+op, the KV-cache write and everything else; each group's median over the steps is
 reported next to the median wall time of a step in a run without the profiler. Width pruning
 can only shrink the first group (and the attention of fewer KV heads), which bounds the decode
 speed-up a plan can reach.
