@@ -4,18 +4,11 @@
 
 Runs the width sweep's speed batch (8 prompts of 512 tokens from the middle of WikiText-2), and
 profiles (torch.profiler, CPU self time) every decode step after the whole batch holds its first
-token. Ops are grouped into the layers' weight matmuls, the LM head, the KV-cache gather (with
-the CPU decode workspace: its appends, and its gathers when the batch changes), the attention
-op, the KV-cache write and everything else; each group's median over the steps is
+token. Ops are grouped into the layers' weight matmuls, the LM head, the KV-cache gather, the
+attention op, the KV-cache write and everything else; each group's median over the steps is
 reported next to the median wall time of a step in a run without the profiler. Width pruning
 can only shrink the first group (and the attention of fewer KV heads), which bounds the decode
 speed-up a plan can reach.
-
-    python -m bench.decode_breakdown --workspace-ab [--plans width-0.20] [--rounds 3]
-
-times the same decode steps with the CPU decode workspace (kernels.attention.DecodeWorkspace)
-off and on, both on one engine per plan, in alternating order each round, and reports each
-setting's median step time.
 """
 from __future__ import annotations
 
@@ -87,30 +80,6 @@ def breakdown(model: str, plan: str | None, prompts_for, args) -> dict:
             "profiled_ms": {g: statistics.median(step[g] for step in profiled) for g in GROUPS}}
 
 
-def workspace_ab(model: str, runs, prompts_for, args) -> dict:
-    """{label: {"off_ms", "on_ms", "speedup"}}: median decode-step ms without and with the workspace."""
-    steps = {(label, s): [] for label, _ in runs for s in ("off", "on")}
-    for r in range(args.rounds):
-        for label, plan in runs:
-            llm = engine_for(model, plan, args)
-            workspace = llm.engine.runner.workspace
-            if workspace is None:
-                raise SystemExit("error: this engine has no decode workspace (a GPU, or decode_workspace_memory=0)")
-            prompts = prompts_for(llm.tokenizer)
-            llm.generate(prompts, batch_params(args.decode_tokens))                      # warm-up
-            for setting in ("off", "on") if r % 2 == 0 else ("on", "off"):
-                workspace.reset()                    # steps taken while it was off are not in it
-                llm.engine.runner.workspace = workspace if setting == "on" else None
-                steps[label, setting] += decode_steps(llm, prompts, args.decode_tokens, profiled=False)
-            del llm
-            gc.collect()
-    results = {}
-    for label, _ in runs:
-        off, on = (1000 * statistics.median(steps[label, s]) for s in ("off", "on"))
-        results[label] = {"off_ms": off, "on_ms": on, "speedup": off / on}
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.decode_breakdown", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,28 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--json", type=Path, help="also write the figures here")
-    ap.add_argument("--workspace-ab", action="store_true", help="time decode steps without and with the workspace")
-    ap.add_argument("--rounds", type=int, default=3, help="--workspace-ab: rounds over the plans")
     args = ap.parse_args(argv)
     args.max_tokens = args.decode_tokens
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
 
     runs = plan_runs(args.plans, args.plans_dir or profile_dir(args.model), args.model)
     text = (args.data_dir / "wikitext2-valid.txt").read_text()
     prompts_for = speed_batch_prompts(text, args.speed_batch, args.window)
-    command = "python -m bench.decode_breakdown " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.workspace_ab:
-        results = workspace_ab(args.model, runs, prompts_for, args)
-        print("| plan | workspace off ms/step | on ms/step | speed-up |\n|---|---:|---:|---:|")
-        for label, r in results.items():
-            print(f"| {label} | {r['off_ms']:.1f} | {r['on_ms']:.1f} | {r['speedup']:.2f}x |")
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"command": command, "dtype": args.dtype, "batch": args.speed_batch,
-                                             "context": args.window, "rounds": args.rounds, "results": results},
-                                            indent=1))
-        return 0
     # The first engine of a process ran slower here (its KV gather, 20x under the profiler), which
     # would land on dense: one discarded pass first.
     breakdown(args.model, None, prompts_for, args)
@@ -162,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command,
+        args.json.write_text(json.dumps({"command": "python -m bench.decode_breakdown " + " ".join(argv or sys.argv[1:]),
                                          "dtype": args.dtype, "batch": args.speed_batch, "context": args.window,
                                          "results": results}, indent=1))
     return 0

@@ -59,9 +59,6 @@ class CacheConfig:
     num_blocks: int | None = None        # explicit block count; None = derive from kv_cache_memory
     kv_cache_memory: int = 1 << 30       # bytes for K and V of all layers, used when num_blocks is None
     enable_prefix_caching: bool = True   # share full blocks of identical prefixes across requests
-    # CPU decode: bytes (all layers together) for the running batch's keys and values, kept gathered
-    # from one decode step to the next (kernels.attention.DecodeWorkspace); 0 gathers them every step.
-    decode_workspace_memory: int = 512 << 20
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -70,8 +67,6 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
-        if self.decode_workspace_memory < 0:
-            raise ValueError(f"decode_workspace_memory must be >= 0, got {self.decode_workspace_memory}")
 
 
 @dataclass(frozen=True)

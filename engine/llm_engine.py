@@ -70,7 +70,7 @@ class LLMEngine:
             decode_heads = spec.num_kv_heads * layer.self_attn.group if spec.ragged_groups and all_heads else None
             shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, decode_heads)
         self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device,
-                                  FlopCounter(ckpt.config, shapes), config.cache.decode_workspace_memory)
+                                  FlopCounter(ckpt.config, shapes))
         self.total_flops = FlopCount()                          # since start, all requests
         self.saved_seconds = dict.fromkeys(AXES, 0.0)           # step time attributed by FLOP share
         self.busy_seconds = 0.0
@@ -160,8 +160,6 @@ class LLMEngine:
             outputs.append(self._make_output(req))
             if req.finished:
                 del self.requests[req.request_id]
-        if not self.requests and self.runner.workspace is not None:
-            self.runner.workspace.reset()        # idle: give the decode workspace's memory back
         return outputs
 
     def _account(self, result: RunnerOutput) -> None:

@@ -12,8 +12,7 @@ from engine.outputs import TokenLogprobs
 from engine.pruning.accounting import FlopCount, FlopCounter
 from engine.sampler import sample, top_logprobs
 from engine.scheduler import SchedulerOutput
-from kernels.attention import AttentionMetadata, DecodeWorkspace
-from kernels.backend import use_triton
+from kernels.attention import AttentionMetadata
 
 
 @dataclass
@@ -29,16 +28,12 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, device: torch.device, flop_counter: FlopCounter,
-                 decode_workspace_memory: int = 0) -> None:
+                 block_size: int, device: torch.device, flop_counter: FlopCounter) -> None:
         self.model = model
         self.flop_counter = flop_counter
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        # The Triton decode kernel reads the paged cache in place; the CPU path gathers from it.
-        self.workspace = (DecodeWorkspace(decode_workspace_memory)
-                          if decode_workspace_memory and not use_triton(torch.empty(0, device=device)) else None)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -74,8 +69,6 @@ class ModelRunner:
             [s.num_new_tokens for s in sched.scheduled],
             self.block_size, self.device,
         )
-        if self.workspace is not None:
-            meta.workspace = self.workspace.start_step(meta)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         hidden = self.model(ids, meta.query_positions, meta, self.kv_caches)
         out = RunnerOutput(num_tokens=len(input_ids))

@@ -8,20 +8,16 @@ keys through a block table.
 
 Causality compares original positions (`key_positions` <= query position), never indices, so a
 length-pruning policy can later keep an arbitrary subset of slots without renumbering.
-
-The CPU path gathers keys and values out of the cache for torch's SDPA; in decode, a
-DecodeWorkspace keeps them gathered from one step to the next, so a step copies only its new keys.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.launch import key_lens, step_tensor
+from kernels.launch import step_tensor
 
 
 @dataclass
@@ -34,8 +30,6 @@ class AttentionMetadata:
     key_slots: torch.Tensor         # [S, L] int64: cache slots of each sequence's keys, padded with 0
     key_positions: torch.Tensor     # [S, L] int64: original positions of those keys, -1 for padding
     is_decode: bool                 # every sequence has exactly one new token
-    # CPU decode only: K/V kept gathered from the step before (DecodeWorkspace), or None.
-    workspace: "DecodeWorkspace | None" = field(default=None, repr=False, compare=False)
     # Tensors the kernel launchers derive from the fields above (key lengths, tile tables), built
     # on first use and shared by every layer of the step. An entry is rebuilt when the field it
     # came from is reassigned; fields are never edited in place.
@@ -76,88 +70,6 @@ class AttentionMetadata:
         )
 
 
-class DecodeWorkspace:
-    """Each layer's keys and values of a decode batch, gathered into [S, capacity, Hkv, D] buffers
-    and kept from one decode step to the next (the CPU decode path).
-
-    Without it the CPU path copies every key and value of every sequence out of the paged cache
-    in every layer of every step (at 8 sequences of 512 tokens, 8 of a 60 ms step in float32).
-    Consecutive decode steps of one batch only add a key per sequence, so when a step continues
-    the step before it (the same sequences in the same rows, each row's keys those of the step
-    before plus one), each layer appends its new keys to its buffers instead. Any other step, a
-    batch change, or a buffer out of room gathers again, into buffers `margin` keys longer.
-    Buffers of all layers together fill `max_bytes` at most; layers beyond it gather every step,
-    as without a workspace, and the engine frees them all when it runs out of requests. The model runner calls `start_step` before each step; every cache write happens
-    in a step, so a layer whose buffers were filled in the step before still matches its cache.
-    """
-
-    def __init__(self, max_bytes: int, margin: int = 64) -> None:
-        self.max_bytes, self.margin = max_bytes, margin
-        self.step = 0
-        self.buffers: dict[int, list] = {}          # id(k_cache) -> [keys, values, step filled]
-        self.appends = self.gathers = 0            # layer calls of each kind, for tests and benchmarks
-        # (key_slots, key_positions, one past each row's last key) of the step before, if a decode step.
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._continues = False
-
-    def reset(self) -> None:
-        """Free the buffers and forget the step before (the next decode step gathers)."""
-        self.buffers.clear()
-        self._last, self._continues = None, False
-
-    def start_step(self, meta: AttentionMetadata) -> "DecodeWorkspace | None":
-        """Prepare for the step `meta` describes; returns self for a decode step, else None."""
-        self.step += 1
-        if not meta.is_decode:
-            self._last, self._continues = None, False
-            return None
-        ends = key_lens(meta.key_positions).long()
-        last, self._continues = self._last, False
-        if last is not None and last[0].shape[0] == ends.shape[0] and torch.equal(ends, last[2] + 1):
-            # Every key of the step before is still there, in its column; the one new key is the
-            # column after each row's last (rows may hold dropped positions, -1, anywhere).
-            width, kept = last[0].shape[1], last[1] >= 0
-            same = (meta.key_slots[:, :width] == last[0]) & (meta.key_positions[:, :width] == last[1])
-            self._continues = bool(same.masked_fill(~kept, True).all())
-        self._last = (meta.key_slots, meta.key_positions, ends)
-        return self
-
-    def keys_values(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys and values for the step, [S, L, Hkv, D] views (padded as key_slots)."""
-        num_seqs, width = meta.key_slots.shape
-        entry = self.buffers.get(id(k_cache))
-        if (self._continues and entry is not None and entry[2] == self.step - 1 and entry[0].shape[0] == num_seqs
-                and entry[0].shape[1] >= width):
-            rows = torch.arange(num_seqs, device=k_cache.device)
-            new = self._last[2] - 1                                  # each row's new key
-            entry[0][rows, new] = k_cache.index_select(0, meta.slot_mapping)
-            entry[1][rows, new] = v_cache.index_select(0, meta.slot_mapping)
-            entry[2] = self.step
-            self.appends += 1
-            return entry[0][:, :width], entry[1][:, :width]
-        self.gathers += 1
-        reuse = entry is not None and entry[0].shape[0] == num_seqs and entry[0].shape[1] >= width
-        if not reuse:
-            self.buffers.pop(id(k_cache), None)                      # freed before its successor exists
-        capacity = entry[0].shape[1] if reuse else width + self.margin
-        shape = (num_seqs, capacity, *k_cache.shape[1:])
-        held = sum(2 * b[0].numel() * b[0].element_size() for key, b in self.buffers.items() if key != id(k_cache))
-        if held + 2 * math.prod(shape) * k_cache.element_size() > self.max_bytes:   # over budget: a plain gather
-            self.buffers.pop(id(k_cache), None)
-            flat = meta.key_slots.reshape(-1)
-            return (k_cache.index_select(0, flat).view(num_seqs, width, *k_cache.shape[1:]),
-                    v_cache.index_select(0, flat).view(num_seqs, width, *k_cache.shape[1:]))
-        # Gather straight into the buffers: the room past each row's keys takes slot 0 for now.
-        slots = step_tensor(meta, f"workspace_slots_{capacity}", (meta.key_slots,),
-                            lambda: F.pad(meta.key_slots, (0, capacity - width)).reshape(-1))
-        keys, values = (entry[0], entry[1]) if reuse else (k_cache.new_empty(shape), v_cache.new_empty(shape))
-        torch.index_select(k_cache, 0, slots, out=keys.view(-1, *k_cache.shape[1:]))
-        torch.index_select(v_cache, 0, slots, out=values.view(-1, *v_cache.shape[1:]))
-        self.buffers[id(k_cache)] = [keys, values, self.step]
-        return keys[:, :width], values[:, :width]
-
-
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V ([T, num_kv_heads, head_dim]) into their cache slots."""
@@ -182,13 +94,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         return rows if kv_heads is None else rows.index_select(-2, kv_heads)
 
     if meta.is_decode:
-        # One query per sequence: gather the padded keys of all sequences (or take them from the
-        # workspace, which kept them from the step before) and run one batched call.
-        if meta.workspace is not None and kv_heads is None:
-            keys, values = meta.workspace.keys_values(k_cache, v_cache, meta)
-        else:
-            keys, values = gather(k_cache, meta.key_slots), gather(v_cache, meta.key_slots)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)   # [S, Hkv, L, D]
+        # One query per sequence: gather the padded keys of all sequences and run one batched call.
+        keys = gather(k_cache, meta.key_slots).transpose(1, 2)   # [S, Hkv, L, D]
+        values = gather(v_cache, meta.key_slots).transpose(1, 2)
         # [S, 1, 1, L] additive mask, built once per step: SDPA would convert a bool mask per layer.
         mask = step_tensor(meta, f"decode_mask_{q.dtype}", (meta.key_positions,), lambda: torch.zeros(
             meta.key_positions.shape, dtype=q.dtype, device=q.device).masked_fill_(

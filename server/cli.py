@@ -51,9 +51,6 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--block-size", type=int, help="tokens per KV block")
     add("--kv-cache-memory", type=parse_size, help="KV cache size, e.g. 1GiB (ignored with --num-kv-blocks)")
     add("--num-kv-blocks", type=int, help="explicit KV block count")
-    add("--decode-workspace-memory", type=parse_size,
-        help="CPU decode: memory for the running batch's keys and values kept gathered between steps, "
-             "e.g. 512MiB (0: gather them every step)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="do not share KV blocks of identical prompt prefixes across requests")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -82,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 "only; 6-8 s a step on 2 CPU cores for a 135M model)")
     calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.2,0.25)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
-    calibrate.add_argument("--heal-generated", type=int, default=0,
-                           help="windows of text the dense model writes (from the start of a healing window) "
-                                "added to the healing data (default 0)")
     calibrate.set_defaults(handler=calibrate_command)
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -118,8 +112,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     try:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
                            out_dir=Path(args.out) if args.out else None, heal_steps=args.heal_steps,
-                           heal_lr=args.heal_lr, compensation=args.compensation,
-                           heal_generated=args.heal_generated, **budgets)
+                           heal_lr=args.heal_lr, compensation=args.compensation, **budgets)
     except ValueError as e:
         print(f"trident calibrate: {e}", file=sys.stderr)
         return 2
@@ -143,8 +136,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = CacheConfig(enable_prefix_caching=args.enable_prefix_caching,
                         **given(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                                kv_cache_memory=args.kv_cache_memory,
-                                decode_workspace_memory=args.decode_workspace_memory))
+                                kv_cache_memory=args.kv_cache_memory))
     scheduler = SchedulerConfig(**given(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                         max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_waiting=args.max_waiting))

@@ -121,26 +121,6 @@ def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_d
     assert result["step_ms"] > 0
 
 
-def test_decode_breakdown_times_decode_without_and_with_the_workspace(tiny_model_dir, tmp_path):
-    import json
-
-    from bench import decode_breakdown
-
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "wikitext2-valid.txt").write_text(" ".join(["Once upon a time there was a dragon who slept."] * 50))
-    out = tmp_path / "ab.json"
-    assert decode_breakdown.main(["--model", str(tiny_model_dir), "--plans", "", "--data-dir", str(data),
-                                  "--window", "16", "--speed-batch", "2", "--decode-tokens", "4", "--workspace-ab",
-                                  "--rounds", "2", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["command"].endswith("--json " + str(out)) and report["rounds"] == 2
-    dense = report["results"]["dense"]
-    assert dense["off_ms"] > 0 and dense["on_ms"] > 0 and dense["speedup"] == dense["off_ms"] / dense["on_ms"]
-    with pytest.raises(SystemExit):
-        decode_breakdown.main(["--model", str(tiny_model_dir), "--workspace-ab", "--rounds", "0"])
-
-
 def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_and_on(tiny_model_dir, tmp_path):
     import json
 

@@ -28,14 +28,12 @@ def test_engine_config_from_flags():
     args = cli.build_parser().parse_args([
         "serve", "--model", "m.gguf", "--dtype", "bfloat16", "--device", "cpu", "--seed", "7",
         "--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "128", "--max-waiting", "3",
-        "--block-size", "32", "--kv-cache-memory", "64MiB", "--num-kv-blocks", "10",
-        "--decode-workspace-memory", "0"])
+        "--block-size", "32", "--kv-cache-memory", "64MiB", "--num-kv-blocks", "10"])
     config = cli.engine_config_from_args(args)
     assert (config.model, config.dtype, config.device, config.seed) == ("m.gguf", "bfloat16", "cpu", 7)
     assert config.scheduler == SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=256,
                                                max_waiting=3)
-    assert config.cache == CacheConfig(block_size=32, num_blocks=10, kv_cache_memory=64 * 2**20,
-                                       decode_workspace_memory=0)
+    assert config.cache == CacheConfig(block_size=32, num_blocks=10, kv_cache_memory=64 * 2**20)
 
 
 def test_unset_flags_keep_config_defaults():

@@ -11,9 +11,7 @@ least squares to reproduce the dense output (engine.pruning.reconstruct), or, wi
 compensation="bias", only the removed channels' mean contribution becomes a bias.
 Optionally (`heal_steps`), chosen budgets are then healed by distillation (engine.pruning.heal) on
 the calibration text outside the held-out end, keeping the step that scores best on validation
-windows just before it, and their plans carry the trained weights. `heal_generated` adds windows
-that the dense model writes itself (the start of a healing window, continued by sampling): more
-text to distill on than the file holds.
+windows just before it, and their plans carry the trained weights.
 """
 from __future__ import annotations
 
@@ -218,27 +216,6 @@ def split_windows(ids: list[int], window: int) -> list[list[int]]:
     return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
-def teacher_windows(llm: LLM, windows: list[list[int]], count: int, prompt_tokens: int | None = None,
-                    seed: int = 0) -> list[list[int]]:
-    """`count` windows as long as `windows`' written by the model of `llm`: the first
-    `prompt_tokens` (default: an eighth of a window, 64 of 512) of window i % len(windows),
-    continued by sampling at temperature 1 with seed `seed + i`: a window's text does not depend on
-    the others generated with it (up to the rounding of batched matmuls)."""
-    if count < 0:
-        raise ValueError(f"need a window count >= 0, got {count}")
-    if count == 0:
-        return []
-    length = len(windows[0])
-    prompt_tokens = length // 8 if prompt_tokens is None else prompt_tokens
-    if not 0 < prompt_tokens < length:
-        raise ValueError(f"need 0 < prompt tokens < {length}, got {prompt_tokens}")
-    prompts = [windows[i % len(windows)][:prompt_tokens] for i in range(count)]
-    params = [SamplingParams(max_tokens=length - prompt_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
-              for i in range(count)]
-    outs = llm.generate(prompts, params)
-    return [prompt + out.outputs[0].token_ids for prompt, out in zip(prompts, outs)]
-
-
 def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[list[int]], steps: int,
               lr: float, out_dir: Path, val_windows: list[list[int]] | None = None) -> dict:
     """Heal the model `plan` slices from `model` (starting from its weights file, if any); write
@@ -259,22 +236,18 @@ def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[
 def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int = 4096, window: int = 512,
               out_dir: Path | None = None, dtype: str = "float32", heal_steps: int = 0,
               heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4,
-              compensation: str = "least-squares", heal_generated: int = 0) -> dict:
+              compensation: str = "least-squares") -> dict:
     """Collect statistics, write importance.json and the width sweep + named profiles; returns a report.
 
     compensation: "least-squares" refits o_proj / down_proj (engine.pruning.reconstruct), "bias"
     only adds the removed channels' mean. heal_steps > 0 then heals the plans of `heal_budgets`
     (engine.pruning.heal) on every window of the text before the held-out end but the last
-    HEAL_VAL_WINDOWS, which choose the step whose weights the plan keeps, plus `heal_generated`
-    windows the dense model writes from their starts (teacher_windows)."""
+    HEAL_VAL_WINDOWS, which choose the step whose weights the plan keeps."""
     if num_tokens < window or eval_tokens < window:
         raise ValueError(f"calibration ({num_tokens}) and evaluation ({eval_tokens}) tokens must each fill at least "
                          f"one window of {window} tokens")
     if heal_steps < 0:
         raise ValueError(f"heal steps must be >= 0, got {heal_steps}")
-    if heal_generated < 0 or (heal_generated and not heal_steps):
-        raise ValueError(f"generated healing windows must be >= 0 and need heal steps > 0, got {heal_generated} "
-                         f"with {heal_steps} steps")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
@@ -305,7 +278,6 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
             raise ValueError(f"{data} is too short to heal on windows of {window} tokens")
         num_val = max(1, min(HEAL_VAL_WINDOWS, len(real) // 4))
         heal_windows, val_windows = real[:-num_val], real[-num_val:]
-        heal_windows = heal_windows + teacher_windows(llm, heal_windows, heal_generated)
     for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
         plan, tensors = width_plan(imp, llm, fraction, f"width-{fraction:.2f}",
                                    stats if compensation == "least-squares" else None)
@@ -315,8 +287,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
             plan.weights = f"{plan.name}.safetensors"
         point = {"plan": plan.name, "width_fraction": fraction, "compensation": compensation}
         if heal_steps > 0 and any(math.isclose(fraction, b) for b in heal_budgets):
-            point["healing"] = {**heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr,
-                                            out_dir, val_windows), "generated_windows": heal_generated}
+            point["healing"] = heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr,
+                                         out_dir, val_windows)
         path = out_dir / f"{plan.name}.json"
         plan.save(path)
         pruned = LLM(EngineConfig(model=model, dtype=dtype, plan=str(path), scheduler=base.scheduler))
