@@ -189,4 +189,3 @@ def test_cpu_decode_attention_shares_one_mask_per_step_and_rebuilds_it_for_new_p
     meta.key_positions = meta.key_positions.clone()
     meta.key_positions[0, 2] = -1                                # a dropped token
     torch.testing.assert_close(paged_attention_ref(q, k_cache, v_cache, meta, 0.5), expected(meta.key_positions))
-
