@@ -93,18 +93,13 @@ def test_penalties_and_logprobs_are_batch_invariant(tiny_model_dir):
                                presence_penalty=0.5, logprobs=2)
     plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
-    def run(requests):
-        for i, (prompt, params) in enumerate(requests):
-            llm.engine.add_request(f"r{i}", llm.tokenizer.encode(prompt), params)
-        done = {}
-        while llm.engine.has_unfinished_requests():
-            done.update({o.request_id: o.outputs[0] for o in llm.engine.step() if o.finished})
-        return [done[f"r{i}"] for i in range(len(requests))]
+    def run(params):
+        return [out.outputs[0] for out in llm.generate(["Hello"] * len(params), params)]
 
-    [alone] = run([("Hello", penalised)])
-    [plain_alone] = run([("Hello", plain)])
+    [alone] = run([penalised])
+    [plain_alone] = run([plain])
     assert alone.token_ids != plain_alone.token_ids          # the penalties change the tokens
-    together, plain_together = run([("Hello", penalised), ("Hello", plain)])
+    together, plain_together = run([penalised, plain])
     assert together.token_ids == alone.token_ids and plain_together.token_ids == plain_alone.token_ids
     for got, want in zip(together.logprobs, alone.logprobs):
         assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-5 for k in got)
