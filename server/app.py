@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
@@ -26,14 +26,17 @@ from server.protocol import (ChatCompletionRequest, CompletionRequest, Detokeniz
 logger = logging.getLogger(__name__)
 
 
-async def _start_engine(ctx: ServerContext) -> None:
-    """Loads the model; a failure is kept for /health and every later request (503)."""
+async def _start_engine(ctx: ServerContext, on_failure: Callable[[str], None] | None) -> None:
+    """Loads the model; a failure is kept for /health and every later request (503), then passed
+    to `on_failure`."""
     try:
         await ctx.engine.start()
         logger.info("engine ready: serving %s (max_model_len %d)", ctx.model_name, ctx.engine.max_model_len)
     except Exception as exc:
         ctx.start_error = f"{type(exc).__name__}: {exc}"
         logger.exception("engine failed to start")
+        if on_failure is not None:
+            on_failure(ctx.start_error)
 
 
 def _bearer_check(api_key: str):
@@ -49,18 +52,21 @@ def _bearer_check(api_key: str):
     return check
 
 
-def build_app(engine, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
+def build_app(engine, api_key: str | None = None, served_model_name: str | None = None,
+              on_start_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The OpenAI-compatible app around `engine` (an AsyncEngine, not started yet).
 
     api_key: when set, every endpoint but /health and /metrics needs it as a Bearer token.
     served_model_name: the name clients use and responses carry; default `engine.model_name`.
+    on_start_failure: called with the reason when the engine fails to start (`trident serve`
+    then exits); without it the app stays up and answers 503.
     """
     ctx = ServerContext(engine, ServerMetrics(), served_model_name)
     ctx.metrics.registry.register(EngineCollector(engine))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        starting = asyncio.create_task(_start_engine(ctx))
+        starting = asyncio.create_task(_start_engine(ctx, on_start_failure))
         try:
             yield
         finally:

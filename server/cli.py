@@ -97,7 +97,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from engine.pruning.calibrate import calibrate
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not Path(args.data).exists():
+    if not Path(args.data).is_file():
         print(f"trident calibrate: no such file {args.data}", file=sys.stderr)
         return 2
     try:
@@ -113,7 +113,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
                            out_dir=Path(args.out) if args.out else None, heal_steps=args.heal_steps,
                            heal_lr=args.heal_lr, compensation=args.compensation, **budgets)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"trident calibrate: {e}", file=sys.stderr)
         return 2
     print(f"dense perplexity {report['dense_perplexity']:.3f} on {report['eval_tokens']} held-out tokens")
@@ -145,22 +145,38 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """Builds the engine and app, then serves until interrupted."""
+    """Builds the engine and app, then serves until interrupted. Exits 2 on bad flags or a plan
+    file that does not parse, 1 when the engine fails to start (a plan that does not fit the model)."""
     import uvicorn
 
     from engine.async_engine import AsyncEngine
+    from engine.pruning.plan import PruningPlan
     from server.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config_from_args(args)
-        if args.plan and args.plan not in PROFILES and not Path(args.plan).exists():
-            raise ValueError(f"--plan {args.plan!r} is neither a profile ({', '.join(PROFILES)}) nor a file")
+        if args.plan and args.plan not in PROFILES:
+            if not Path(args.plan).is_file():
+                raise ValueError(f"--plan {args.plan!r} is neither a profile ({', '.join(PROFILES)}) nor a file")
+            PruningPlan.load(Path(args.plan))          # PlanError (a ValueError) before the model loads
     except ValueError as exc:
         print(f"trident serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(AsyncEngine(config), api_key=args.api_key, served_model_name=args.served_model_name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    failure: list[str] = []
+
+    def stop(reason: str) -> None:
+        failure.append(reason)
+        server.should_exit = True
+
+    app = build_app(AsyncEngine(config), api_key=args.api_key, served_model_name=args.served_model_name,
+                    on_start_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if failure:
+        print(f"trident serve: the engine failed to start: {failure[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

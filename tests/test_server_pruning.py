@@ -7,7 +7,7 @@ import pytest
 
 from engine.loader import load_checkpoint
 from engine.pruning.plan import LayerPlan, PruningPlan
-from tests.test_server import MODEL_NAME, RemoteServer
+from tests.test_server import MODEL_NAME, REPO_ROOT, RemoteServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,22 @@ def test_bad_plan_fails_fast(tmp_path):
     result = subprocess.run([sys.executable, "-m", "server", "serve", "--plan", str(tmp_path / "missing.json")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "missing.json" in result.stderr
+
+
+def test_plan_that_does_not_fit_the_model_stops_the_server(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    config = load_checkpoint(str(tiny_model_dir)).config
+    plan = PruningPlan.dense(config)
+    plan.layers[0] = LayerPlan(kept_q_heads=[0, 9])        # the tiny model has 4 query heads
+    plan.save(tmp_path / "plan.json")
+    (tmp_path / "broken.json").write_text('{"version": 1, "name": "x", "model": {}, "layers": ["keep"]}')
+    serve = [sys.executable, "-m", "server", "serve", "--model", str(tiny_model_dir), "--port", str(free_port())]
+    unfit = subprocess.run([*serve, "--plan", str(tmp_path / "plan.json")], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert unfit.returncode == 1
+    assert "engine failed to start: PlanError: layer 0: query head 9 is out of range" in unfit.stderr
+    malformed = subprocess.run([*serve, "--plan", str(tmp_path / "broken.json")], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120)
+    assert malformed.returncode == 2 and "layer 0: must be an object" in malformed.stderr

@@ -22,7 +22,7 @@ from engine.pruning.plan import LengthPolicy, PlanError, PruningPlan
 
 def apply_plan(state: dict[str, torch.Tensor], config: ModelConfig, plan: PruningPlan) -> dict[str, torch.Tensor]:
     """A new state dict for the pruned model (tensors shared with `state` where untouched)."""
-    plan.validate(config)
+    plan.validate(config, PruningPlan.checkpoint_digest(state))
     if any(layer.exit is not None for layer in plan.layers) or plan.length != LengthPolicy():
         raise PlanError(f"plan {plan.name!r} sets early exits or a length policy, which this engine does not "
                         f"run yet; remove them to serve its depth and width parts")

@@ -6,7 +6,7 @@
      "length": {"prefill_keep": [], "decode_sinks": 0, "decode_recent": 0, "decode_heavy": 0},
      "weights": "width-0.20.safetensors"}
 
-`null` lists mean "keep all". `weights` (optional) names a safetensors file, relative to the plan
+`null` lists mean "keep all" (a null `kept_kv_heads`: the KV heads the kept query heads read). `weights` (optional) names a safetensors file, relative to the plan
 file, whose tensors (HF names, already sliced shapes) replace the pruned model's after slicing:
 the least-squares refit of o_proj / down_proj (engine.pruning.reconstruct) or what healing
 (engine.pruning.heal) trained. Plans are produced by `trident calibrate` and loaded by
@@ -14,9 +14,12 @@ the least-squares refit of o_proj / down_proj (engine.pruning.reconstruct) or wh
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from engine.config import ModelConfig
 
@@ -58,7 +61,7 @@ class LengthPolicy:
 @dataclass
 class PruningPlan:
     name: str
-    model: dict                                    # ModelConfig shape fingerprint the plan was made for
+    model: dict                                    # ModelConfig shape fingerprint (+ "digest") the plan was made for
     layers: list[LayerPlan]
     length: LengthPolicy = field(default_factory=LengthPolicy)
     weights: str | None = None                     # trained tensors for the pruned layers (see above)
@@ -71,6 +74,17 @@ class PruningPlan:
     def fingerprint(config: ModelConfig) -> dict:
         return {k: getattr(config, k) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim",
                                                  "hidden_size", "intermediate_size", "vocab_size")}
+
+    @staticmethod
+    def checkpoint_digest(state: dict[str, torch.Tensor]) -> str:
+        """A short hash of a few dense tensors (HF names): tells apart checkpoints of one shape, whose
+        refit or healed weights and biases do not carry over. `trident calibrate` records it in
+        `model["digest"]`; plans without one are checked by shape only."""
+        h = hashlib.sha256()
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight"):
+            if name in state:
+                h.update(state[name].detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @classmethod
     def dense(cls, config: ModelConfig) -> "PruningPlan":
@@ -96,25 +110,30 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruningPlan":
+        """A plan from parsed JSON; PlanError names the first field of the wrong kind."""
         if not isinstance(data, dict):
             raise PlanError("a plan must be a JSON object")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
-        try:
-            layers = []
-            for i, raw in enumerate(data["layers"]):
-                raw = dict(raw)
-                if raw.get("exit") is not None:
-                    raw["exit"] = ExitPoint(**raw["exit"])
-                layers.append(LayerPlan(**raw))
-            length = LengthPolicy(**{**data.get("length", {}),
-                                     "prefill_keep": [tuple(x) for x in data.get("length", {}).get("prefill_keep", [])]})
-            weights = data.get("weights")
-            if weights is not None and not isinstance(weights, str):
-                raise PlanError(f"plan field 'weights' must be a file name, got {weights!r}")
-            return cls(name=data["name"], model=data["model"], layers=layers, length=length, weights=weights)
-        except (KeyError, TypeError) as e:
-            raise PlanError(f"malformed plan: {e}") from e
+        version = data.get("version")
+        if type(version) is not int or version != PLAN_VERSION:
+            raise PlanError(f"plan version {version!r} is not supported (expected {PLAN_VERSION})")
+        for key in ("name", "model", "layers"):
+            if key not in data:
+                raise PlanError(f"malformed plan: no {key!r} field")
+        unknown = sorted(set(data) - {"version", "name", "model", "layers", "length", "weights"})
+        if unknown:
+            raise PlanError(f"malformed plan: unknown field {unknown[0]!r}")
+        if not isinstance(data["name"], str):
+            raise PlanError(f"plan field 'name' must be a string, got {data['name']!r}")
+        if not isinstance(data["model"], dict):
+            raise PlanError(f"plan field 'model' must be an object (the model's shape), got {data['model']!r}")
+        if not isinstance(data["layers"], list):
+            raise PlanError("plan field 'layers' must be a list with one object per layer")
+        weights = data.get("weights")
+        if weights is not None and not isinstance(weights, str):
+            raise PlanError(f"plan field 'weights' must be a file name, got {weights!r}")
+        layers = [_layer_from_json(raw, f"layer {i}") for i, raw in enumerate(data["layers"])]
+        return cls(name=data["name"], model=data["model"], layers=layers,
+                   length=_length_from_json(data.get("length", {})), weights=weights)
 
     @classmethod
     def load(cls, path: Path) -> "PruningPlan":
@@ -122,28 +141,37 @@ class PruningPlan:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read plan {path}: {e}") from e
         plan = cls.from_dict(data)
         plan.base_dir = Path(path).parent
         return plan
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, config: ModelConfig) -> None:
-        """Raise PlanError naming the first thing that does not fit `config`."""
+    def validate(self, config: ModelConfig, digest: str | None = None) -> None:
+        """Raise PlanError naming the first thing that does not fit `config` (and, when both the
+        plan and the caller give one, the checkpoint `digest`)."""
         expected = self.fingerprint(config)
         for key, value in expected.items():
             if self.model.get(key) != value:
                 raise PlanError(f"plan {self.name!r} was made for {key}={self.model.get(key)}, model has {value}")
+        if digest is not None and self.model.get("digest") not in (None, digest):
+            raise PlanError(f"plan {self.name!r} was calibrated on another checkpoint of this shape (digest "
+                            f"{self.model['digest']}, model {digest}); run `trident calibrate` for this model")
         if len(self.layers) != config.num_layers:
             raise PlanError(f"plan has {len(self.layers)} layers, model has {config.num_layers}")
+        if not any(layer.keep for layer in self.layers):
+            raise PlanError(f"plan {self.name!r} drops every layer")
         group = config.num_heads // config.num_kv_heads
         for i, layer in enumerate(self.layers):
             where = f"layer {i}"
             _check_indices(layer.kept_q_heads, config.num_heads, f"{where}: query head")
             _check_indices(layer.kept_kv_heads, config.num_kv_heads, f"{where}: KV head")
             _check_indices(layer.kept_ffn_channels, config.intermediate_size, f"{where}: FFN channel")
-            if layer.kept_q_heads is not None and layer.kept_kv_heads is not None:
-                for h in layer.kept_q_heads:
+            if layer.kept_kv_heads is not None:
+                q_heads = range(config.num_heads) if layer.kept_q_heads is None else layer.kept_q_heads
+                for h in q_heads:
                     if h // group not in layer.kept_kv_heads:
                         raise PlanError(f"{where}: query head {h} is kept but its KV head {h // group} is dropped")
             for name in ("attn_bias", "ffn_bias"):
@@ -178,5 +206,71 @@ def _check_indices(indices: list[int] | None, limit: int, what: str) -> None:
     if len(set(indices)) != len(indices):
         raise PlanError(f"{what} list has duplicates")
     for i in indices:
-        if not isinstance(i, int) or not 0 <= i < limit:
+        if not 0 <= i < limit:
             raise PlanError(f"{what} {i} is out of range [0, {limit})")
+
+
+def _is_int(value) -> bool:
+    return type(value) is int                      # bool is an int subclass; JSON true is no index
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _list_of(value, check, what: str, kind: str) -> list | None:
+    """value when it is null or a list whose items all pass `check`; else PlanError."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise PlanError(f"{what} must be a list of {kind} or null, got {value!r}")
+    for item in value:
+        if not check(item):
+            raise PlanError(f"{what} must hold {kind}, got {item!r}")
+    return value
+
+
+def _layer_from_json(raw, where: str) -> LayerPlan:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: must be an object, got {raw!r}")
+    unknown = sorted(set(raw) - set(LayerPlan.__dataclass_fields__))
+    if unknown:
+        raise PlanError(f"{where}: unknown field {unknown[0]!r}")
+    keep = raw.get("keep", True)
+    if type(keep) is not bool:
+        raise PlanError(f"{where}: 'keep' must be true or false, got {keep!r}")
+    lists = {name: _list_of(raw.get(name), _is_int, f"{where}: {name!r}", "integer indices")
+             for name in ("kept_q_heads", "kept_kv_heads", "kept_ffn_channels")}
+    lists.update({name: _list_of(raw.get(name), _is_number, f"{where}: {name!r}", "numbers")
+                  for name in ("attn_bias", "ffn_bias")})
+    exit_point = raw.get("exit")
+    if exit_point is not None:
+        if not isinstance(exit_point, dict) or not _is_number(exit_point.get("threshold")):
+            raise PlanError(f"{where}: 'exit' must be an object with a numeric 'threshold', got {exit_point!r}")
+        try:
+            exit_point = ExitPoint(**exit_point)
+        except TypeError as e:
+            raise PlanError(f"{where}: malformed 'exit': {e}") from e
+        _list_of(exit_point.probe_weight, _is_number, f"{where}: exit 'probe_weight'", "numbers")
+        if not _is_number(exit_point.probe_bias):
+            raise PlanError(f"{where}: exit 'probe_bias' must be a number, got {exit_point.probe_bias!r}")
+    return LayerPlan(keep=keep, exit=exit_point, **lists)
+
+
+def _length_from_json(raw) -> LengthPolicy:
+    if not isinstance(raw, dict):
+        raise PlanError(f"plan field 'length' must be an object, got {raw!r}")
+    unknown = sorted(set(raw) - set(LengthPolicy.__dataclass_fields__))
+    if unknown:
+        raise PlanError(f"length policy: unknown field {unknown[0]!r}")
+    budget = {}
+    for name in ("decode_sinks", "decode_recent", "decode_heavy"):
+        value = raw.get(name, 0)
+        if not _is_int(value) or value < 0:
+            raise PlanError(f"length policy: {name!r} must be a token count >= 0, got {value!r}")
+        budget[name] = value
+    schedule = raw.get("prefill_keep", [])
+    if not isinstance(schedule, list) or not all(
+            isinstance(x, list) and len(x) == 2 and _is_int(x[0]) and _is_number(x[1]) for x in schedule):
+        raise PlanError(f"length policy: 'prefill_keep' must be a list of [layer, fraction] pairs, got {schedule!r}")
+    return LengthPolicy(prefill_keep=[tuple(x) for x in schedule], **budget)
