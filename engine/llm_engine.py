@@ -63,14 +63,14 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         shapes: list[LayerShape | None] = [None] * ckpt.config.num_layers
-        all_heads = decode_computes_all_heads(self.device)
+        all_heads = decode_computes_all_heads(self.device)   # the CPU decode path, which also pads keys
         for layer in self.model.layers:
             spec = layer.spec
             # Ragged layers on CPU decode with every slot of their virtual head layout.
             decode_heads = spec.num_kv_heads * layer.self_attn.group if spec.ragged_groups and all_heads else None
             shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, decode_heads)
         self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device,
-                                  FlopCounter(ckpt.config, shapes))
+                                  FlopCounter(ckpt.config, shapes, decode_pads=all_heads))
         self.total_flops = FlopCount()                          # since start, all requests
         self.saved_seconds = dict.fromkeys(AXES, 0.0)           # step time attributed by FLOP share
         self.busy_seconds = 0.0

@@ -92,7 +92,7 @@ class ModelRunner:
                         out.logprobs[seq.seq_id] = lp
         for s, rows in zip(sched.scheduled, rows_per_seq):
             count = self.flop_counter.step(s.num_new_tokens, s.seq.num_computed_tokens + s.num_new_tokens, rows,
-                                           decode=meta.is_decode)
+                                           decode=meta.is_decode, batch_keys=meta.key_slots.shape[1])
             out.flops[s.seq.seq_id] = count
             out.step_flops.add(count)
         out.step_time = time.perf_counter() - start

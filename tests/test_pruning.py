@@ -53,6 +53,9 @@ def test_plan_json_round_trip(tmp_path, tiny_model_dir):
     (lambda p: p.layers.pop(), "plan has 3 layers, model has 4"),
     (lambda p: p.model.__setitem__("num_heads", 8), "made for num_heads=8"),
     (lambda p: p.layers[0].__setattr__("kept_q_heads", []), "keeps no query heads"),
+    (lambda p: p.layers[2].__setattr__("kept_kv_heads", [0]), "query head 2 is kept but its KV head 1 is dropped"),
+    (lambda p: p.layers[2].__setattr__("kept_kv_heads", []), "query head 0 is kept but its KV head 0 is dropped"),
+    (lambda p: [l.__setattr__("keep", False) for l in p.layers], "drops every layer"),
 ])
 def test_plan_validation_errors(edit, message, tiny_model_dir):
     config = load_checkpoint(str(tiny_model_dir)).config
@@ -69,6 +72,51 @@ def test_bad_plan_files(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"version": 99}))
     with pytest.raises(PlanError, match="version 99"):
         PruningPlan.load(tmp_path / "b.json")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.__setitem__("version", True), "version True is not supported"),
+    (lambda d: d.__setitem__("version", 1.0), "version 1.0 is not supported"),
+    (lambda d: d.__setitem__("model", None), "'model' must be an object"),
+    (lambda d: d.__setitem__("layers", {"0": {}}), "'layers' must be a list"),
+    (lambda d: d.__setitem__("extra", 1), "unknown field 'extra'"),
+    (lambda d: d.pop("name"), "no 'name' field"),
+    (lambda d: d["layers"].__setitem__(0, "keep"), "layer 0: must be an object"),
+    (lambda d: d["layers"][1].__setitem__("keep", "false"), "layer 1: 'keep' must be true or false"),
+    (lambda d: d["layers"][1].__setitem__("kept_q_heads", ["0", "1"]), "must hold integer indices, got '0'"),
+    (lambda d: d["layers"][1].__setitem__("kept_q_heads", [0.0, 1.5]), "must hold integer indices, got 0.0"),
+    (lambda d: d["layers"][1].__setitem__("kept_q_heads", [True, False]), "must hold integer indices, got True"),
+    (lambda d: d["layers"][1].__setitem__("kept_q_heads", [[0]]), r"must hold integer indices, got \[0\]"),
+    (lambda d: d["layers"][1].__setitem__("kept_ffn_channels", 3), "must be a list of integer indices or null"),
+    (lambda d: d["layers"][1].__setitem__("ffn_bias", 0.5), "'ffn_bias' must be a list of numbers or null"),
+    (lambda d: d["layers"][1].__setitem__("attn_bias", ["x"] * 64), "'attn_bias' must hold numbers"),
+    (lambda d: d["layers"][1].__setitem__("exit", {"threshold": "high"}), "numeric 'threshold'"),
+    (lambda d: d["layers"][1].__setitem__("exit", {"threshold": 0.5, "when": 1}), "malformed 'exit'"),
+    (lambda d: d["layers"][1].__setitem__("heads", [0]), "layer 1: unknown field 'heads'"),
+    (lambda d: d.__setitem__("length", {"decode_sinks": -5}), "'decode_sinks' must be a token count >= 0"),
+    (lambda d: d.__setitem__("length", {"prefill_keep": [[1]]}), "list of \\[layer, fraction\\] pairs"),
+    (lambda d: d.__setitem__("length", {"prefill_keep": [["a", 0.5]]}), "list of \\[layer, fraction\\] pairs"),
+])
+def test_malformed_plan_fields_are_named(edit, message, tiny_model_dir):
+    data = json.loads(PruningPlan.dense(load_checkpoint(str(tiny_model_dir)).config).to_json())
+    PruningPlan.from_dict(json.loads(json.dumps(data)))          # the unedited plan parses
+    edit(data)
+    with pytest.raises(PlanError, match=message):
+        PruningPlan.from_dict(data)
+
+
+def test_a_plan_from_another_checkpoint_of_the_same_shape_is_refused(tmp_path, tiny_model_dir):
+    from tests.tiny_model import build_tiny_hf_model
+
+    other = load_checkpoint(str(build_tiny_hf_model(tmp_path / "other", seed=1)))
+    ours = load_checkpoint(str(tiny_model_dir))
+    plan = tiny_plan(other.config)
+    plan.model["digest"] = PruningPlan.checkpoint_digest(other.state_dict)
+    apply_plan(other.state_dict, other.config, plan)                        # its own checkpoint: fine
+    with pytest.raises(PlanError, match="calibrated on another checkpoint"):
+        apply_plan(ours.state_dict, ours.config, plan)
+    del plan.model["digest"]                                                # older plans: shape only
+    apply_plan(ours.state_dict, ours.config, plan)
 
 
 def test_dense_plan_is_bit_identical(tiny_model_dir):
@@ -158,6 +206,11 @@ def test_flop_formulas_by_hand():
     ragged = FlopCounter(cfg, [LayerShape(2, 1, 3, decode_attention_heads=4), None])
     assert ragged.step(1, 5, 1, decode=True).executed == 336 + 4 * 4 * 2 * 5 + head
     assert ragged.step(1, 5, 1).executed == 336 + 4 * 2 * 2 * 5 + head
+    # CPU decode pads every sequence to the batch's longest (9 keys), dense side too; GPU does not.
+    padded = FlopCounter(cfg, [LayerShape(2, 1, 3), None], decode_pads=True).step(1, 5, 1, decode=True, batch_keys=9)
+    assert padded.executed == 336 + 4 * 2 * 2 * 9 + head
+    assert padded.dense == 2 * 672 + 4 * 4 * 2 * 2 * 9 + head
+    assert counter.step(1, 5, 1, decode=True, batch_keys=9).executed == 336 + 4 * 2 * 2 * 5 + head
     merged = merge_summaries([c.summary(), c.summary()])
     assert merged["dense_flops"] == 2 * c.dense
     assert merged["saved_fraction"]["depth"] == pytest.approx(c.saved["depth"] / c.dense)
@@ -277,6 +330,26 @@ def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
         calibrate("unused", tmp_path / "text.txt", num_tokens=100)
     with pytest.raises(ValueError, match="heal steps must be >= 0"):
         calibrate("unused", tmp_path / "text.txt", heal_steps=-1)
+    with pytest.raises(ValueError, match="learning rate must be a positive number"):
+        calibrate("unused", tmp_path / "text.txt", heal_steps=1, heal_lr=-1.0)
+    with pytest.raises(ValueError, match="is not a file"):
+        calibrate("unused", tmp_path, num_tokens=512)
+    assert main(["calibrate", "--data", str(tmp_path)]) == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_calibrate_checks_its_text_and_output_folder_before_the_statistics(tmp_path, tiny_model_dir, capsys):
+    from server.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 60))
+    args = ["calibrate", "--model", str(tiny_model_dir), "--data", str(text), "--eval-tokens", "512"]
+    # Too short for calibration and held-out text apart: the held-out end would overlap the rest.
+    assert main([*args, "--tokens", "100000", "--out", str(tmp_path / "out")]) == 2
+    assert "fewer than 100000 calibration + 512" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main([*args, "--tokens", "512", "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot write plans to" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_least_squares_refit_matches_a_direct_solve_and_beats_the_mean_bias():

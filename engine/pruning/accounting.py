@@ -3,7 +3,9 @@
 Counts matrix FLOPs (2 per multiply-add) of what ran and of what the dense model would have run
 for the same tokens:
 - per token and layer: q/k/v/o projections 2*H*(q + 2*kv) + 2*q*H, FFN 3 * 2*H*F;
-- attention: 4 * q_heads * head_dim * context per token (scores and weighted sum);
+- attention: 4 * q_heads * head_dim * context per token (scores and weighted sum); a CPU decode
+  step runs every sequence over the batch's longest context (the rest masked), so there each
+  token counts that many keys, on the executed and the dense side alike;
 - LM head: 2*H*V per row whose logits were computed (the same pruned or dense).
 Savings go to the axis that made them: dropped layers to depth, fewer heads/channels to width,
 fewer attended tokens to length; the cost of pruning decisions (exit classifiers, importance
@@ -69,8 +71,9 @@ class LayerShape:
 class FlopCounter:
     """Per-sequence step FLOPs for a model whose present layers have `shapes` (None = dropped)."""
 
-    def __init__(self, config: ModelConfig, shapes: list[LayerShape | None]) -> None:
+    def __init__(self, config: ModelConfig, shapes: list[LayerShape | None], decode_pads: bool = False) -> None:
         self.config = config
+        self.decode_pads = decode_pads          # decode attention runs over the batch's padded keys
         h, d = config.hidden_size, config.head_dim
         dense_shape = LayerShape(config.num_heads, config.num_kv_heads, config.intermediate_size)
         self.dense_linear = self._linear(dense_shape) * config.num_layers
@@ -91,14 +94,17 @@ class FlopCounter:
         return 2 * h * (q + 2 * kv) + 2 * q * h + 6 * h * s.intermediate_size
 
     def step(self, num_new_tokens: int, context_end: int, num_logit_rows: int,
-             attended: float | None = None, decode: bool = False) -> FlopCount:
+             attended: float | None = None, decode: bool = False, batch_keys: int | None = None) -> FlopCount:
         """FLOPs of one sequence's step: `num_new_tokens` ending at position `context_end` - 1.
 
         attended: key positions the new tokens actually attended in total (after length pruning);
-        None = all of them (dense length). decode: the step ran the decode attention path.
+        None = all of them (dense length). decode: the step ran the decode attention path, whose
+        every sequence attends `batch_keys` keys (the longest in the batch) when it pads.
         """
         start = context_end - num_new_tokens
         context_sum = num_new_tokens * (start + context_end + 1) / 2      # sum of (position + 1)
+        if decode and self.decode_pads and batch_keys is not None:
+            context_sum = num_new_tokens * max(batch_keys, context_end)
         attended = context_sum if attended is None else attended
         head = num_logit_rows * self.lm_head
         dense = num_new_tokens * self.dense_linear + self.dense_attn_coef * context_sum + head

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.llm import LLM
 from engine.loader import load_checkpoint
 from engine.model import LlamaModel
@@ -248,40 +248,55 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
                          f"one window of {window} tokens")
     if heal_steps < 0:
         raise ValueError(f"heal steps must be >= 0, got {heal_steps}")
+    if heal_steps > 0 and not (math.isfinite(heal_lr) and heal_lr > 0):
+        raise ValueError(f"heal learning rate must be a positive number, got {heal_lr}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
     if heal_steps > 0 and unknown:
         raise ValueError(f"heal budgets {unknown} are not among the width budgets {list(WIDTH_BUDGETS)}")
-    base = EngineConfig(model=model, dtype=dtype, scheduler=SchedulerConfig(max_model_len=window + 1,
-                                                                            max_num_batched_tokens=window))
+    if not Path(data).is_file():
+        raise ValueError(f"calibration data {data} is not a file")
+    # Prefix caching off: windows that share leading blocks must still each run in full.
+    base = EngineConfig(model=model, dtype=dtype, cache=CacheConfig(enable_prefix_caching=False),
+                        scheduler=SchedulerConfig(max_model_len=window + 1, max_num_batched_tokens=window))
     llm = LLM(base)
     text = Path(data).read_text()
-    calib = token_windows(llm.tokenizer, text, num_tokens, window)
-    held_out = token_windows(llm.tokenizer, text, eval_tokens, window, from_end=True)
-    if not calib or not held_out:
-        raise ValueError(f"{data} is too short for {num_tokens} calibration + {eval_tokens} evaluation tokens")
-    stats = collect_stats(llm, calib)
-    imp = importance(llm, stats)
-    out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "importance.json").write_text(json.dumps(imp))
-    dense_ppl = perplexity(llm, held_out)
-    PruningPlan.dense(llm.engine.model_config).save(out_dir / "dense.json")
-    sweep = [{"plan": "dense", "width_fraction": 0.0, "perplexity": dense_ppl, "path": str(out_dir / "dense.json")}]
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < num_tokens + eval_tokens:
+        raise ValueError(f"{data} has {len(ids)} tokens, fewer than {num_tokens} calibration + {eval_tokens} "
+                         f"held-out evaluation tokens (lower --tokens or --eval-tokens)")
+    calib = split_windows(ids[:num_tokens], window)
+    held_out = split_windows(ids[-eval_tokens:], window)
     heal_windows, val_windows = [], []
     if heal_steps > 0:
-        ids = llm.tokenizer.encode(text, add_special_tokens=False)
         # Everything but the held-out end, with a window's margin before it.
         real = split_windows(ids[:len(ids) - eval_tokens - window], window)
         if len(real) < 2:
             raise ValueError(f"{data} is too short to heal on windows of {window} tokens")
         num_val = max(1, min(HEAL_VAL_WINDOWS, len(real) // 4))
         heal_windows, val_windows = real[:-num_val], real[-num_val:]
+    out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-test").touch()
+        (out_dir / ".write-test").unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write plans to {out_dir}: {e}") from e
+    stats = collect_stats(llm, calib)
+    imp = importance(llm, stats)
+    (out_dir / "importance.json").write_text(json.dumps(imp))
+    dense_ppl = perplexity(llm, held_out)
+    digest = PruningPlan.checkpoint_digest(load_checkpoint(model).state_dict)
+    dense_plan = PruningPlan.dense(llm.engine.model_config)
+    dense_plan.model["digest"] = digest
+    dense_plan.save(out_dir / "dense.json")
+    sweep = [{"plan": "dense", "width_fraction": 0.0, "perplexity": dense_ppl, "path": str(out_dir / "dense.json")}]
     for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
         plan, tensors = width_plan(imp, llm, fraction, f"width-{fraction:.2f}",
                                    stats if compensation == "least-squares" else None)
         plan.base_dir = out_dir
+        plan.model["digest"] = digest
         if tensors:
             save_file(tensors, str(out_dir / f"{plan.name}.safetensors"))
             plan.weights = f"{plan.name}.safetensors"
@@ -291,7 +306,7 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
                                          out_dir, val_windows)
         path = out_dir / f"{plan.name}.json"
         plan.save(path)
-        pruned = LLM(EngineConfig(model=model, dtype=dtype, plan=str(path), scheduler=base.scheduler))
+        pruned = LLM(EngineConfig(model=model, dtype=dtype, plan=str(path), cache=base.cache, scheduler=base.scheduler))
         sweep.append({**point, "perplexity": perplexity(pruned, held_out), "path": str(path)})
     profiles = {}
     for profile, limit in PROFILE_LIMITS.items():

@@ -84,6 +84,7 @@ def heal(teacher: LlamaModel, student: LlamaModel, windows: list[list[int]], ste
     data = torch.tensor(windows, dtype=torch.long, device=device)
     val = torch.tensor(val_windows, dtype=torch.long, device=device) if val_windows else None
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).to(device)
+    size = min(batch_size, len(data))
     student.requires_grad_(False)
     named = [(name, p) for name, p in student.named_parameters() if name.startswith("layers.")]
     params = [p for _, p in named]
@@ -113,8 +114,8 @@ def heal(teacher: LlamaModel, student: LlamaModel, windows: list[list[int]], ste
         student.train()
         with tqdm(range(steps), desc=desc, unit="step") as bar:
             for step in bar:
-                start = (step * batch_size) % len(data)
-                batch = data[order[start:start + batch_size]]
+                # Wrap around the shuffled order, so every step trains on `size` windows.
+                batch = data[order[(step * size + torch.arange(size, device=device)) % len(data)]]
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     with torch.no_grad():
                         target = forward_logits(teacher, batch)
