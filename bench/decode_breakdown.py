@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
+from bench.datasets import WIKITEXT_FILE, require_data_file
 from bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for, plan_runs, speed_batch_prompts
 from engine.llm import LLM
 from engine.pruning.profiles import profile_dir
@@ -95,8 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.max_tokens = args.decode_tokens
 
+    for flag in ("window", "speed_batch", "decode_tokens"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     runs = plan_runs(args.plans, args.plans_dir or profile_dir(args.model), args.model)
-    text = (args.data_dir / "wikitext2-valid.txt").read_text()
+    try:
+        text = require_data_file(args.data_dir, WIKITEXT_FILE).read_text()
+        if args.json:                            # fail now, not after minutes of profiling
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(args.json.parent, os.W_OK) or args.json.is_dir():
+                raise PermissionError(f"cannot write {args.json}")
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     prompts_for = speed_batch_prompts(text, args.speed_batch, args.window)
     # The first engine of a process ran slower here (its KV gather, 20x under the profiler), which
     # would land on dense: one discarded pass first.

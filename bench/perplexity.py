@@ -37,18 +37,20 @@ class Windows:
 
 
 async def token_windows(tokenizer: ServerTokenizer, text: str, window: int, num_windows: int) -> list[list[int]]:
-    """The first `num_windows` non-overlapping windows of `window` tokens of `text` (tokenized with
-    the model's special tokens, so the first window starts with BOS where the model has one); the
-    last window may be shorter when the text runs out, and windows under 2 tokens are dropped."""
+    """The last `num_windows` non-overlapping windows of `window` tokens of `text`: its end, which
+    `trident calibrate` holds out of calibration (it reads the start). The tail is tokenized from a
+    character cut, whose first tokens (a split word, BOS) are left out; when the whole text is
+    shorter than the windows asked for, every token of it is used and the last window may be
+    shorter. Windows under 2 tokens are dropped."""
     needed = window * num_windows
     chars = needed * CHARS_PER_TOKEN
     while True:
-        ids = await tokenizer.encode(text[:chars])
-        # one token of margin: the cut at `chars` may split the last word
-        if len(ids) > needed or chars >= len(text):
+        ids = await tokenizer.encode(text[-chars:])
+        # two tokens of margin: the cut at `chars` may split a word, and encoding may add BOS
+        if len(ids) >= needed + 2 or chars >= len(text):
             break
         chars *= 2
-    ids = ids[:needed]
+    ids = ids[-needed:]
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     return [w for w in windows if len(w) >= 2]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -215,7 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_reference and not args.reference:
         print("error: --save-reference needs --reference FILE", file=sys.stderr)
         return 1
+    for flag in ("concurrency", "throughput_prompts", "throughput_concurrency", "max_tokens"):
+        if getattr(args, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 1
     try:
+        # Where results go must take them: checked before the measurements, which take minutes.
+        if args.sweep:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            writable(Path(args.output_dir))
+        elif args.result_file:
+            writable(Path(args.result_file).parent)
         if args.sweep:
             write_sweep(asyncio.run(sweep(args)), args.output_dir, recorded_command("quality", argv))
         else:
@@ -226,10 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.TransportError as exc:
         print(f"error: {transport_error_text(exc)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, ServerError, httpx.HTTPError) as exc:
+    except (ValueError, OSError, ServerError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def writable(folder: Path) -> None:
+    """PermissionError unless `folder` is an existing folder this process can write into."""
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write results into {folder}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     python -m bench.quality width-sweep [--model smollm2-135m-instruct] [--plans-dir DIR]
 
 For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
-end of WikiText-2 (calibration reads the start), greedy token agreement with dense on Alpaca
-instructions, and prefill, batch decode and single-sequence decode tok/s measured in this same
+end of WikiText-2 (calibration reads the start), greedy token agreement with dense on the last
+`--num-prompts` Alpaca tasks (instruction and input), and prefill, batch decode and single-sequence decode tok/s measured in this same
 run, in rounds that time every plan once (the median of `--repeats` rounds is reported). Writes
 a markdown table, JSON and a PNG plot of quality against speed with the Pareto front. "GEMM
 weights" is the plan's share of the dense model's projection and LM-head weights: a decode step
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.agreement import prefix_agreement
+from bench.datasets import ALPACA_FILE, WIKITEXT_FILE, load_alpaca, require_data_file
 from bench.pareto import pareto_front
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm import LLM
@@ -84,7 +85,7 @@ def plan_runs(names: str, plans_dir: Path, model: str) -> list[tuple[str, str | 
     in `plans_dir`) or .json path. Exits with a message when a plan does not exist."""
     runs = [("dense", None)]
     for name in filter(None, names.split(",")):
-        path = Path(name) if name.endswith(".json") else plans_dir / f"{name}.json"
+        path = Path(name).expanduser() if name.endswith(".json") else plans_dir / f"{name}.json"
         if not path.exists():
             raise SystemExit(f"error: no plan {path}; run `trident calibrate --model {model}`")
         runs.append((path.stem, str(path)))
@@ -104,6 +105,12 @@ def heal_steps(plan: str | None) -> int:
         return 0
     entries = [p for p in json.loads(report.read_text())["sweep"] if p["plan"] == Path(plan).stem]
     return entries[0]["healing"]["steps"] if entries and "healing" in entries[0] else 0
+
+
+def calibration_eval_tokens(plan: str) -> int | None:
+    """Held-out tokens at the end of the text of the calibration that wrote `plan` (None: no record)."""
+    report = Path(plan).parent / "calibration.json"
+    return json.loads(report.read_text()).get("eval_tokens") if report.exists() else None
 
 
 def gemm_weights(llm: LLM) -> int:
@@ -197,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="timing rounds over all plans; each plan's median is reported")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
+    for flag in ("eval_tokens", "num_prompts", "max_tokens", "speed_batch", "decode_tokens", "repeats"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 2 <= args.window <= args.eval_tokens:
+        ap.error(f"--window must be 2..--eval-tokens ({args.eval_tokens})")
     args.speed_window = args.window if args.speed_window is None else args.speed_window
     if not 1 <= args.speed_window <= args.window:
         ap.error(f"--speed-window must be 1..--window ({args.window})")
@@ -215,12 +227,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no width-*.json plans in {plans_dir}; run `trident calibrate --model {args.model}`",
               file=sys.stderr)
         return 1
+    for _, plan in runs[1:]:
+        held_out_tokens = calibration_eval_tokens(plan)
+        if held_out_tokens is not None and args.eval_tokens > held_out_tokens:
+            print(f"error: --eval-tokens {args.eval_tokens} reaches into text that {plan} was calibrated or "
+                  f"healed on (its calibration held out the last {held_out_tokens} tokens)", file=sys.stderr)
+            return 1
+    try:
+        text = require_data_file(args.data_dir, WIKITEXT_FILE).read_text()
+        tasks = load_alpaca(require_data_file(args.data_dir, ALPACA_FILE))
+        args.output_dir.mkdir(parents=True, exist_ok=True)      # before the measurements, not after
+        (args.output_dir / ".write-test").touch()
+        (args.output_dir / ".write-test").unlink()
+    except OSError as e:        # FileNotFoundError from require_data_file, or an unwritable output dir
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.num_prompts > len(tasks):
+        ap.error(f"--num-prompts must be 1..{len(tasks)}")
     labels = [label for label, _ in runs]
     # Plans of the same name from two calibrations are told apart by their folder.
     runs = [(label if labels.count(label) == 1 else f"{Path(plan).parent.name}/{label}", plan) for label, plan in runs]
-    text = (args.data_dir / "wikitext2-valid.txt").read_text()
-    lines = (args.data_dir / "alpaca-seed-tasks.jsonl").read_text().splitlines()
-    instructions = [json.loads(l)["instruction"] for l in lines[-args.num_prompts:]]
+    instructions = [t.prompt for t in tasks[-args.num_prompts:]]     # instruction and its input
     held_out = lambda tok: token_windows(tok, text, args.eval_tokens, args.window, from_end=True)
     speed_prompts = speed_batch_prompts(text, args.speed_batch, args.speed_window)
 
@@ -240,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("perplexity", "gemm_weights", "prefill_tok_s", "decode_tok_s", "single_decode_tok_s"):
             p[f"{key}_vs_dense"] = p[key] / dense[key]
         del p["greedy"]
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     rows = [f"| plan | healing steps | perplexity | vs dense | agreement | GEMM weights | prefill tok/s | vs dense | "
             f"batch-{args.speed_batch} decode tok/s ({args.speed_window}-token prompts) | vs dense | 1-sequence decode tok/s | vs dense |", "|---|---|" + "---:|" * 10]
     for p in points:

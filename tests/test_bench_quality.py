@@ -184,7 +184,7 @@ def test_interleaved_speed_rotates_the_plans_and_keeps_every_round(monkeypatch):
     assert result["b"]["single_decode_tok_s"] == 5.0
 
 
-def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tmp_path):
+def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tmp_path, capsys):
     import json
     import shutil
 
@@ -225,6 +225,27 @@ def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tm
     assert "| batch-2 decode tok/s (12-token prompts) |" in (out / "width_sweep.md").read_text()
     for bad in (["--single-prompt", "17"], ["--single-prompt", "8", "--single-decode-tokens", "200"],
                 ["--plans", "width-0.99"], ["--speed-window", "17"], ["--speed-window", "0"],
-                ["--speed-window", "8", "--single-prompt", "9"]):
+                ["--speed-window", "8", "--single-prompt", "9"], ["--repeats", "0"], ["--decode-tokens", "0"],
+                ["--speed-batch", "0"], ["--num-prompts", "0"], ["--num-prompts", "4"], ["--eval-tokens", "8"]):
         with pytest.raises(SystemExit):
             sweep.main(common + bad)
+    # Caught before any plan is measured: missing data, an output folder under a file, and
+    # held-out text that reaches into what a plan was calibrated on (calib held out 64 tokens).
+    (tmp_path / "afile").write_text("")
+    for bad, message in ((["--data-dir", str(tmp_path / "nowhere")], "data file"),
+                         (["--output-dir", str(tmp_path / "afile" / "out")], "afile"),
+                         (["--plans", other, "--eval-tokens", "128"], "calibrated or healed on")):
+        assert sweep.main(common + ["--single-prompt", "8"] + bad) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_quality_cli_rejects_bad_numbers_and_unwritable_results_before_measuring(tmp_path, capsys):
+    from bench.quality import main
+
+    (tmp_path / "afile").write_text("")
+    target = ["--base-url", "http://127.0.0.1:9"]              # nothing listens: no request is made
+    assert main([*target, "--concurrency", "0"]) == 1 and "--concurrency must be >= 1" in capsys.readouterr().err
+    assert main([*target, "--result-file", str(tmp_path / "afile" / "r.json")]) == 1
+    assert "cannot write results" in capsys.readouterr().err
+    assert main([*target, "--sweep", "a={}", "--output-dir", str(tmp_path / "afile" / "sweep")]) == 1
+    assert "afile" in capsys.readouterr().err
