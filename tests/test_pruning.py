@@ -119,6 +119,19 @@ def test_a_plan_from_another_checkpoint_of_the_same_shape_is_refused(tmp_path, t
     apply_plan(ours.state_dict, ours.config, plan)
 
 
+def test_compensation_adds_to_a_bias_the_checkpoint_has(tiny_model_dir):
+    ckpt = load_checkpoint(str(tiny_model_dir))
+    state, hidden = dict(ckpt.state_dict), ckpt.config.hidden_size
+    own = {name: torch.randn(hidden) for name in ("self_attn.o_proj.bias", "mlp.down_proj.bias")}
+    state.update({f"model.layers.0.{name}": b for name, b in own.items()})       # as attention_bias / mlp_bias
+    plan = tiny_plan(ckpt.config)
+    out = apply_plan(state, ckpt.config, plan)
+    layer = plan.layers[0]
+    assert torch.equal(out["model.layers.0.self_attn.o_proj.bias"],
+                       own["self_attn.o_proj.bias"] + torch.tensor(layer.attn_bias))
+    assert torch.equal(out["model.layers.0.mlp.down_proj.bias"], own["mlp.down_proj.bias"] + torch.tensor(layer.ffn_bias))
+
+
 def test_dense_plan_is_bit_identical(tiny_model_dir):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3)
     plain = make_llm(tiny_model_dir).generate(PROMPTS, params)

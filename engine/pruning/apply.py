@@ -8,7 +8,7 @@ weights were chosen. Per layer:
   int64) places each query head in a layout of `group` slots per kept KV head (slot // group is
   the KV head it reads), which the attention op takes as its kept-heads list;
 - kept FFN channels: rows of gate_proj/up_proj, columns of down_proj;
-- compensation biases become o_proj.bias / down_proj.bias;
+- compensation biases become o_proj.bias / down_proj.bias (added to the checkpoint's own, if any);
 - then the plan's `weights` file, if any, replaces tensors of the sliced model (same names and
   shapes, checked).
 """
@@ -56,10 +56,11 @@ def apply_plan(state: dict[str, torch.Tensor], config: ModelConfig, plan: Prunin
             for name in ("gate_proj", "up_proj"):
                 out[p + f"mlp.{name}.weight"] = state[p + f"mlp.{name}.weight"][ch]
             out[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, ch]
-        if layer.attn_bias is not None:
-            out[p + "self_attn.o_proj.bias"] = torch.tensor(layer.attn_bias, dtype=torch.float32)
-        if layer.ffn_bias is not None:
-            out[p + "mlp.down_proj.bias"] = torch.tensor(layer.ffn_bias, dtype=torch.float32)
+        # Compensation adds to a bias the checkpoint already has (Llama with attention_bias / mlp_bias).
+        for name, bias in (("self_attn.o_proj.bias", layer.attn_bias), ("mlp.down_proj.bias", layer.ffn_bias)):
+            if bias is not None:
+                extra = torch.tensor(bias, dtype=torch.float32)
+                out[p + name] = state[p + name].float() + extra if p + name in state else extra
     if plan.weights is not None:
         out.update(_plan_weights(plan, out))
     return out
