@@ -221,15 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 1
     try:
-        # Where results go must take them: checked before the measurements, which take minutes.
+        # Where results go is checked before the measurements, which take minutes.
         if args.sweep:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             writable(Path(args.output_dir))
-        elif args.result_file:
-            writable(Path(args.result_file).parent)
-        if args.sweep:
             write_sweep(asyncio.run(sweep(args)), args.output_dir, recorded_command("quality", argv))
         else:
+            if args.result_file:
+                writable(Path(args.result_file).parent)
             result = asyncio.run(evaluate(args))
             if args.result_file:
                 Path(args.result_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

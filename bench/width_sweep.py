@@ -4,8 +4,9 @@
 
 For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
 end of WikiText-2 (calibration reads the start), greedy token agreement with dense on the last
-`--num-prompts` Alpaca tasks (instruction and input), and prefill, batch decode and single-sequence decode tok/s measured in this same
-run, in rounds that time every plan once (the median of `--repeats` rounds is reported). Writes
+`--num-prompts` Alpaca tasks (instruction and input), and prefill, batch decode and
+single-sequence decode tok/s measured in this same run, in rounds that time every plan once
+(the median of `--repeats` rounds is reported). Writes
 a markdown table, JSON and a PNG plot of quality against speed with the Pareto front. "GEMM
 weights" is the plan's share of the dense model's projection and LM-head weights: a decode step
 reads each of them once, so a decode that only read weights would speed up by its inverse.
