@@ -22,9 +22,11 @@ class LLM:
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for ids, prompt_params in zip(encoded, per_prompt):     # every prompt checked before any is queued
+            self.engine.validate(ids, prompt_params)
         order = []
-        for prompt, prompt_params in zip(prompts, per_prompt):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        for ids, prompt_params in zip(encoded, per_prompt):
             request_id = f"offline-{next(self._ids)}"
             self.engine.add_request(request_id, ids, prompt_params)
             order.append(request_id)

@@ -125,6 +125,11 @@ class LLMEngine:
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens)
+            if child.min_tokens:
+                eos = () if child.ignore_eos else self.tokenizer.eos_token_ids
+                seq.min_tokens_banned = sorted({*child.stop_token_ids, *eos})
+            if seq.wants_prompt_logprobs:
+                seq.prompt_logprobs.append(None)           # the first token has no context
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens))
             self.scheduler.add(seq)
@@ -177,8 +182,6 @@ class LLMEngine:
             req = self.requests[seq.request_id]
             req.flops.add(result.flops[seq.seq_id])
             if seq.seq_id in result.prompt_logprobs:
-                if not seq.prompt_logprobs:
-                    seq.prompt_logprobs.append(None)     # the first token has no context
                 seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
             if s.sample and seq.max_tokens == 0:
                 self.scheduler.finish(seq, "length")
@@ -194,15 +197,17 @@ class LLMEngine:
         seq.token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
+        # Stops wait for min_tokens outputs (the sampler masks stop tokens and EOS until then).
+        may_stop = seq.num_output_tokens >= p.min_tokens
         # A stop token stays in token_ids (it was generated) but never reaches the text.
-        if token in p.stop_token_ids:
+        if may_stop and token in p.stop_token_ids:
             return self.scheduler.finish(seq, "stop", token)
-        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+        if may_stop and not p.ignore_eos and token in self.tokenizer.eos_token_ids:
             return self.scheduler.finish(seq, "stop")           # stop_reason None for EOS, as vLLM
 
         old_len = len(seq.text)
         seq.text += req.detokenizers[seq.index].add(token)
-        if p.stop:
+        if p.stop and may_stop:
             # A new match must end in the new text, so it starts at most (longest stop - 1) before it.
             start = max(0, old_len - p.max_stop_len + 1)
             hits = [(seq.text.find(s, start), s) for s in p.stop]
@@ -223,13 +228,13 @@ class LLMEngine:
                 text = text[:max(0, len(text) - (seq.params.max_stop_len - 1))]
             outputs.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=seq.output_token_ids,
-                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,   # a snapshot
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             ))
         first = req.seqs[0]
         return RequestOutput(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
             finished=req.finished,
-            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+            prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
             pruning=req.flops.summary() if self.plan is not None else {},
         )

@@ -1,4 +1,5 @@
-"""Token sampling for a batch of sequences: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Token sampling for a batch of sequences: penalties, min_tokens, temperature, top-k, top-p, min-p,
+seeds, logprobs.
 
 Greedy rows take a vectorized argmax. Random rows are sampled one by one so each seeded request
 draws from its own generator: the same seed gives the same tokens whatever else is in the batch.
@@ -12,26 +13,37 @@ from engine.outputs import TokenLogprobs
 from engine.sequence import Sequence
 
 
-def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprobs]:
-    """Per row: {chosen token: logprob, then the k most likely tokens}. logprobs: [N, V]."""
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int | list[int]) -> list[TokenLogprobs]:
+    """Per row: {chosen token: logprob, then the row's k most likely tokens}. logprobs: [N, V];
+    k: one count for every row, or one per row (a row's entries never depend on the others')."""
+    ks = [k] * len(chosen) if isinstance(k, int) else k
     chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
     result = [{c: lp} for c, lp in zip(chosen.tolist(), chosen_lp)]
-    if k > 0:
-        values, indices = logprobs.topk(k, dim=-1)
-        for row, ids, vals in zip(result, indices.tolist(), values.tolist()):
-            for i, v in zip(ids, vals):
+    if max(ks, default=0) > 0:
+        values, indices = logprobs.topk(max(ks), dim=-1)
+        for row, ids, vals, row_k in zip(result, indices.tolist(), values.tolist(), ks):
+            for i, v in zip(ids[:row_k], vals[:row_k]):
                 row.setdefault(i, v)
     return result
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """OpenAI-style: logit -= frequency * count(token in output) + presence * [count > 0]. In place."""
+    """In place, in vLLM's order: repetition (a logit of a token in the prompt or output is divided
+    by the penalty when positive, multiplied when negative), then OpenAI's frequency and presence
+    (logit -= frequency * count(token in output) + presence * [count > 0]); then, until a
+    sequence has `min_tokens` outputs, its EOS and stop tokens are masked out."""
     for row, seq in enumerate(seqs):
         p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
             ids = torch.tensor(seq.output_token_ids, device=logits.device)
             counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if seq.num_output_tokens < p.min_tokens and seq.min_tokens_banned:
+            logits[row, seq.min_tokens_banned] = float("-inf")
 
 
 def _filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -70,10 +82,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     token_ids = chosen.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
     if raw_logprobs is not None:
-        k = max(s.params.logprobs or 0 for s in seqs)
-        rows = top_logprobs(raw_logprobs, chosen, k)
-        for i, seq in enumerate(seqs):
-            if want_logprobs[i]:
-                keep = 1 + seq.params.logprobs
-                logprobs[i] = dict(list(rows[i].items())[:keep])
+        rows = top_logprobs(raw_logprobs, chosen, [s.params.logprobs or 0 for s in seqs])
+        logprobs = [row if want else None for row, want in zip(rows, want_logprobs)]
     return token_ids, logprobs

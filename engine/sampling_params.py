@@ -1,6 +1,7 @@
 """Per-request sampling parameters, validated once when the request enters the engine."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 MAX_TOP_LOGPROBS = 20
@@ -18,6 +19,8 @@ class SamplingParams:
     seed: int | None = None              # same seed, same output
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0      # > 1 discourages tokens of the prompt and output (1 = off)
+    min_tokens: int = 0                  # EOS, stop tokens and stop strings wait for this many tokens
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -27,8 +30,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        _check_types(self)
         self.stop = [s for s in self.stop if s]
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
@@ -41,6 +45,9 @@ class SamplingParams:
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (0 < self.repetition_penalty <= 2, f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"),
+            (self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+             f"min_tokens must be in [0, max_tokens], got {self.min_tokens} (max_tokens {self.max_tokens})"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
@@ -64,3 +71,27 @@ class SamplingParams:
         """Parameters of completion `index` of an n > 1 request: n=1 and a distinct derived seed."""
         seed = None if self.seed is None else self.seed + index
         return replace(self, n=1, seed=seed)
+
+
+_INTS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INTS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _check_types(p: SamplingParams) -> None:
+    """ValueError for a field of the wrong kind, before it can fail inside a batched step."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in _INTS + _OPTIONAL_INTS:
+        value = getattr(p, name)
+        if not is_int(value) and not (value is None and name in _OPTIONAL_INTS):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    for name in _FLOATS:
+        value = getattr(p, name)
+        if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(p.stop, (list, tuple)) or not all(isinstance(s, str) for s in p.stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {p.stop!r}")
+    if not isinstance(p.stop_token_ids, (list, tuple)) or not all(is_int(t) for t in p.stop_token_ids):
+        raise ValueError(f"stop_token_ids must be a list of token ids, got {p.stop_token_ids!r}")

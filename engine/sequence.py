@@ -34,6 +34,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of the full blocks
     generator: torch.Generator | None = None  # per-request RNG when a seed is given
+    min_tokens_banned: list[int] = field(default_factory=list)   # EOS + stop ids, masked until min_tokens
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     text: str = ""                           # detokenized output, stop string removed at finish

@@ -118,6 +118,33 @@ def test_request_validation(tiny_model_dir):
     with pytest.raises(ValueError, match="1 sampling params for 2 prompts"):
         llm.generate(["Hello", "Hi"], [SamplingParams()])
     assert not llm.engine.has_unfinished_requests()                 # nothing was queued
+    with pytest.raises(ValueError, match="maximum context length"):    # the second prompt is too long
+        llm.generate([[5, 6, 7], [1] * 300], SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished_requests()                 # the first was not queued either
+
+
+def test_min_tokens_holds_back_eos_and_stops(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    free = llm.generate(["Hello"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0]
+    stop_token = free.token_ids[1]                    # greedy emits it second: a stop there ends early
+    stopped = llm.generate(["Hello"], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_token]))[0]
+    assert len(stopped.outputs[0].token_ids) <= 2
+    held = llm.generate(["Hello"], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_token],
+                                                  min_tokens=6))[0].outputs[0]
+    assert len(held.token_ids) >= 6 and stop_token not in held.token_ids[:6]
+
+
+def test_one_token_prompt_logprobs_and_output_snapshots(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    out = llm.generate([[5]], SamplingParams(max_tokens=2, prompt_logprobs=1))[0]
+    assert out.prompt_logprobs == [None]              # one entry per prompt token
+    engine = llm.engine
+    engine.add_request("s", [5, 6], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1))
+    first = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            first = first or o
+    assert len(first.outputs[0].logprobs) == len(first.outputs[0].token_ids) == 1   # not the live list
 
 
 def test_tiny_temperature_is_greedy(tiny_model_dir):

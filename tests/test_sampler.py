@@ -1,6 +1,7 @@
 """Sampling transforms on hand-made logits."""
 import math
 
+import pytest
 import torch
 
 from engine.sampler import _filter, apply_penalties, sample
@@ -31,6 +32,48 @@ def test_penalties_follow_openai_formula():
     logits = torch.zeros(1, 5)
     apply_penalties(logits, [seq(prompt=[2, 2], presence_penalty=1.0)])   # prompt tokens do not count
     assert logits[0].tolist() == [0.0] * 5
+
+
+def test_repetition_penalty_and_min_tokens():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0, 1.0]])
+    apply_penalties(logits, [seq(prompt=[0], outputs=[1], repetition_penalty=2.0)])   # prompt and output count
+    assert logits[0].tolist() == [1.0, -4.0, 2.0, -2.0, 1.0]
+    s = seq(outputs=[4], min_tokens=3, stop_token_ids=[2])
+    s.min_tokens_banned = [2, 3]                      # stop ids + EOS, set by the engine
+    logits = torch.zeros(1, 5)
+    apply_penalties(logits, [s])
+    assert torch.isinf(logits[0]).tolist() == [False, False, True, True, False]
+    s.token_ids.extend([4, 4])                        # three outputs: the mask lifts
+    logits = torch.zeros(1, 5)
+    apply_penalties(logits, [s])
+    assert not torch.isinf(logits).any()
+
+
+def test_logprobs_of_a_row_do_not_depend_on_the_others():
+    # Row 0 asks for 1 alternative and its chosen token is the top one: it gets exactly that,
+    # whatever k another row asks for.
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    alone = sample(logits[:1].clone(), [seq(temperature=0, logprobs=1)])[1][0]
+    _, together = sample(logits.clone(), [seq(temperature=0, logprobs=1), seq(temperature=0, logprobs=3)])
+    assert list(alone) == list(together[0]) == [0] and list(together[1]) == [3, 2, 1]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("stop_token_ids", None, None), ("stop", None, None),
+    ("top_k", 2.5, "top_k must be an integer"), ("n", 2.0, "n must be an integer"),
+    ("max_tokens", 2.5, "max_tokens must be an integer"), ("logprobs", True, "logprobs must be an integer"),
+    ("temperature", float("inf"), "temperature must be a finite number"),
+    ("top_p", "0.5", "top_p must be a finite number"), ("stop", [1], "stop must be a string or a list"),
+    ("stop_token_ids", ["2"], "stop_token_ids must be a list of token ids"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be in"),
+    ("min_tokens", 20, "min_tokens must be in"), ("min_tokens", -1, "min_tokens must be in"),
+])
+def test_sampling_params_reject_wrong_kinds(field, value, message):
+    if message is None:                               # None means "none of these": an empty list
+        assert getattr(SamplingParams(**{field: value}), field) == []
+        return
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
 
 
 def test_greedy_seeded_and_logprobs():
