@@ -12,8 +12,9 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.chat import ChatServer, chat_prompt_ids
 from server.completions import CompletionServer
@@ -39,17 +40,26 @@ async def _start_engine(ctx: ServerContext, on_failure: Callable[[str], None] | 
             on_failure(ctx.start_error)
 
 
-def _bearer_check(api_key: str):
-    """A dependency answering 401 unless the request carries `Authorization: Bearer <api_key>`."""
-    expected = f"Bearer {api_key}".encode()
+class BearerAuthMiddleware:
+    """Pure ASGI middleware answering 401 on `protected` paths unless the request carries
+    `Authorization: Bearer <api_key>`. It runs before the route reads the body, so a request
+    without the key gets 401 whatever its body holds (a route dependency runs after FastAPI has
+    parsed the body, and bad JSON would answer 400 first)."""
 
-    async def check(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, expected):
-            raise APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
+    def __init__(self, app: ASGIApp, api_key: str, protected: set[str]) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.protected = protected
 
-    return check
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.protected:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                                    code="invalid_api_key").to_response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_app(engine, api_key: str | None = None, served_model_name: str | None = None,
@@ -80,7 +90,6 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
 
     app = FastAPI(title="Trident", summary="OpenAI-compatible pruning-aware LLM server", lifespan=lifespan)
     install_error_handlers(app)
-    auth = [Depends(_bearer_check(api_key))] if api_key else []   # on every route but health and metrics
 
     @app.get("/health")
     async def health() -> dict:
@@ -94,20 +103,20 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
         ctx.metrics.engine_waiting.set(engine.num_waiting if ready else 0)
         return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models() -> ModelList:
         ctx.check_ready()
         return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=engine.max_model_len)])
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await CompletionServer(ctx, body).serve(raw)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await ChatServer(ctx, body).serve(raw)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         ctx.check_ready()
         ctx.check_model(body.model)
@@ -120,14 +129,17 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
             token_ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(tokens=token_ids, count=len(token_ids), max_model_len=engine.max_model_len)
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_ready()
         ctx.check_model(body.model)
         if body.tokens:
             ctx.check_token_ids(body.tokens, "tokens")
-        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
-    app.add_middleware(RequestCounterMiddleware, metrics=ctx.metrics,
+    if api_key:      # every route but health and metrics
+        app.add_middleware(BearerAuthMiddleware, api_key=api_key,
+                           protected={route.path for route in app.routes} - {"/health", "/metrics"})
+    app.add_middleware(RequestCounterMiddleware, metrics=ctx.metrics,     # outermost: counts 401s too
                        endpoints={route.path for route in app.routes})
     return app

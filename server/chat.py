@@ -48,7 +48,7 @@ class ChatServer:
         self.created = int(time.time())
 
     def _top(self, token_id: int, logprob: float) -> dict:
-        text = self.ctx.tokenizer.decode([token_id])
+        text = self.ctx.tokenizer.decode([token_id], skip_special_tokens=False)   # <|im_end|>, not ""
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def _logprobs(self, token_ids: list[int], entries: list[TokenLogprobs] | None) -> ChatChoiceLogprobs | None:

@@ -32,11 +32,17 @@ def parse_prompts(ctx: ServerContext, prompt: str | list[str] | list[int] | list
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
     items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    limit = ctx.engine.config.scheduler.max_waiting
+    if len(items) > limit:        # it could never be queued whole: 429 would invite endless retries
+        raise APIError(400, f"a request holds at most {limit} prompts on this server (--max-waiting), "
+                            f"got {len(items)}", param="prompt")
     tokenizer, prompts = ctx.tokenizer, []
     for item in items:
         token_ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
         ctx.check_token_ids(token_ids, "prompt")
-        prompts.append(Prompt(item if isinstance(item, str) else tokenizer.decode(token_ids), token_ids))
+        # Token-id prompts echo as their tokens read, special tokens included (as the logprobs show them).
+        text = item if isinstance(item, str) else tokenizer.decode(token_ids, skip_special_tokens=False)
+        prompts.append(Prompt(text, token_ids))
     return prompts
 
 

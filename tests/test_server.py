@@ -234,6 +234,20 @@ def test_tokenize_detokenize_round_trip(server):
     assert back["prompt"] == text
     both = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "messages": MESSAGES})
     assert both.status_code == 400
+    # Special tokens survive the round trip (a chat-templated prompt starts with <|im_start|>).
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": chat}).json()["prompt"]
+    assert "<|im_start|>" in text
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"] == chat
+
+
+def test_echo_of_token_ids_keeps_special_tokens(server, client):
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    out = client.completions.create(model=MODEL_NAME, prompt=ids, echo=True, max_tokens=0, logprobs=0)
+    choice = out.choices[0]
+    assert choice.text.startswith("<|im_start|>")
+    assert "".join(choice.logprobs.tokens) == choice.text                  # offsets index the text
+    assert choice.logprobs.text_offset[-1] < len(choice.text)
 
 
 @pytest.mark.parametrize("body, fragment", [

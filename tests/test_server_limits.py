@@ -47,6 +47,12 @@ def test_api_key(server):
         r = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPT}).status_code == 401
+    bad_json = httpx.post(f"{server.url}/v1/completions", content=b"not json",
+                          headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 401                              # the key is checked before the body
+    assert httpx.post(f"{server.url}/v1/completions", content=b"not json", headers=AUTH).status_code == 400
+    many = httpx.post(f"{server.url}/v1/completions", headers=AUTH, json={"prompt": [[5, 6]] * 3, "max_tokens": 1})
+    assert many.status_code == 400 and "at most 1 prompts" in many.json()["error"]["message"]   # --max-waiting 1
     assert httpx.get(f"{server.url}/health").status_code == 200    # open without the key
     assert httpx.get(f"{server.url}/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):
