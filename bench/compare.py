@@ -185,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        datasets.require_writable(args.output)               # before the measurements, not after them
         rows = run_targets(args, plan_targets(args))
     except httpx.TransportError as exc:
         print(f"error: {transport_error_text(exc)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, RuntimeError, httpx.HTTPError) as exc:
+    except (ValueError, OSError, RuntimeError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     table = markdown_table(rows)

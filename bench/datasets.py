@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def require_data_file(data_dir: str | Path, name: str) -> Path:
     path = Path(data_dir) / name
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found: pass --data-dir pointing at a folder that holds {name}")
+    return path
+
+
+def require_writable(path: str | Path) -> Path:
+    """`path` (a result file), its folder created; a PermissionError naming it unless it can be
+    written. Benchmarks call this before they measure, so a bad path cannot throw results away."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"result path {path} is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write results to {path}")
     return path
 
 
@@ -148,6 +161,8 @@ async def wikitext_requests(
     """Long prompts: `num` WikiText passages of `passage_words` words from seeded random offsets."""
     if passage_words < 1 or passage_words > len(words):
         raise ValueError(f"--wikitext-len must be in [1, {len(words)}], got {passage_words}")
+    if output_len < 1:
+        raise ValueError(f"--wikitext-output-len must be at least 1, got {output_len}")
     starts = rng.integers(0, len(words) - passage_words + 1, size=num)
     requests = []
     for start in starts:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.datasets import WIKITEXT_FILE, require_data_file
+from bench.datasets import WIKITEXT_FILE, require_data_file, require_writable
 from bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for, plan_runs, speed_batch_prompts
 from engine.llm import LLM
 from engine.pruning.profiles import profile_dir
@@ -104,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = require_data_file(args.data_dir, WIKITEXT_FILE).read_text()
         if args.json:                            # fail now, not after minutes of profiling
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(args.json.parent, os.W_OK) or args.json.is_dir():
-                raise PermissionError(f"cannot write {args.json}")
+            require_writable(args.json)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -45,7 +45,8 @@ class RequestRecord:
 
     @property
     def num_output_tokens(self) -> int:
-        """Tokens from usage; without usage, one token per content chunk (a lower bound)."""
+        """Tokens from usage (or, without it, counted from the text by the server's tokenizer:
+        bench.runner fills `output_tokens` in); else one token per content chunk (a lower bound)."""
         return self.output_tokens if self.output_tokens is not None else len(self.chunk_times)
 
     @property

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench.datasets import WIKITEXT_FILE, require_data_file, require_writable
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm import LLM
 from engine.loader import resolve_model_path
@@ -83,7 +84,7 @@ def timed(fn) -> float:
 
 def prompts_from_wikitext(data_dir: Path, tokenizer, num: int, length: int) -> list[list[int]]:
     """`num` distinct prompts of exactly `length` tokens from WikiText-2."""
-    ids = tokenizer.encode((data_dir / "wikitext2-valid.txt").read_text()[: 400 * num * length // 50],
+    ids = tokenizer.encode((data_dir / WIKITEXT_FILE).read_text()[: 400 * num * length // 50],
                            add_special_tokens=False)
     if len(ids) < num * length:
         raise SystemExit(f"not enough WikiText tokens for {num} prompts of {length}")
@@ -183,8 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
-
-    model_path = resolve_model_path(args.model)
+    try:                 # what can fail before minutes of loading and timing, fails first
+        require_data_file(args.data_dir, WIKITEXT_FILE)
+        if args.json:
+            require_writable(args.json)
+        model_path = resolve_model_path(args.model)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     trident = TridentRunner(args.model, args.dtype)
     prompts = PromptSets.from_wikitext(args.data_dir, trident.tokenizer, args.batch, args.prefill_len)
     runners = [trident]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -223,12 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Where results go is checked before the measurements, which take minutes.
         if args.sweep:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            writable(Path(args.output_dir))
+            datasets.require_writable(Path(args.output_dir) / "sweep.json")
             write_sweep(asyncio.run(sweep(args)), args.output_dir, recorded_command("quality", argv))
         else:
             if args.result_file:
-                writable(Path(args.result_file).parent)
+                datasets.require_writable(args.result_file)
             result = asyncio.run(evaluate(args))
             if args.result_file:
                 Path(args.result_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -240,12 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def writable(folder: Path) -> None:
-    """PermissionError unless `folder` is an existing folder this process can write into."""
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot write results into {folder}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from bench.client import GenerationRequest, ServerTarget, resolve_model, stream_request
+from bench.client import GenerationRequest, ServerTarget, ServerTokenizer, resolve_model, stream_request
 from bench.datasets import SampleRequest
 from bench.metrics import RequestRecord
 
@@ -35,8 +36,10 @@ class LoadConfig:
     def __post_init__(self) -> None:
         if not self.request_rate > 0:
             raise ValueError(f"request rate must be positive (or inf), got {self.request_rate}")
-        if not self.burstiness > 0:
-            raise ValueError(f"burstiness must be positive, got {self.burstiness}")
+        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
+            raise ValueError(f"burstiness must be a positive number, got {self.burstiness}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request timeout must be positive, got {self.request_timeout_s}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max concurrency must be at least 1, got {self.max_concurrency}")
         if self.num_warmups < 0:
@@ -111,4 +114,22 @@ async def run_load(target: ServerTarget, samples: list[SampleRequest], config: L
                 tasks.append(asyncio.create_task(send(request, bar)))
             records = await asyncio.gather(*tasks)
             duration = time.perf_counter() - start
+        await count_missing_output_tokens(client, target, model, records)
     return RunResult(model=model, records=list(records), duration_s=duration)
+
+
+async def count_missing_output_tokens(client: httpx.AsyncClient, target: ServerTarget, model: str,
+                                      records: list[RequestRecord]) -> None:
+    """Output tokens of successful requests whose stream sent no usage, from their text through the
+    server's tokenizer, as vLLM's benchmark does (a server may stream several tokens per chunk, so
+    chunks are no count); without /tokenize they stay one per chunk, with a warning."""
+    missing = [r for r in records if r.success and r.output_tokens is None]
+    if not missing:
+        return
+    tokenizer = await ServerTokenizer.probe(client, target, model)
+    if tokenizer is None:
+        print(f"warning: {len(missing)} responses carried no usage and the server has no /tokenize: their "
+              f"output tokens are counted one per streamed chunk, a lower bound", file=sys.stderr)
+        return
+    for record in missing:
+        record.output_tokens = len(await tokenizer.encode(record.generated_text, add_special_tokens=False))

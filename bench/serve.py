@@ -108,7 +108,7 @@ async def build_samples(args: argparse.Namespace, target: ServerTarget) -> list[
         tokenizer = await ServerTokenizer.probe(client, target, model)
         if tokenizer is None:
             print("note: the server has no /tokenize; prompt lengths are estimated from words "
-                  "and token counts come from usage", file=sys.stderr)
+                  "and output token counts come from usage", file=sys.stderr)
         if args.dataset == "alpaca":
             tasks = datasets.load_alpaca(datasets.require_data_file(args.data_dir, datasets.ALPACA_FILE))
             return await datasets.alpaca_requests(tasks, args.num_prompts, rng, tokenizer, args.max_tokens)
@@ -198,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         percentiles = parse_percentiles(args.percentiles)
         slos = parse_goodput(args.goodput)
         config = load_config_from_args(args)
+        if args.result_file:
+            datasets.require_writable(args.result_file)      # before the run, not after it
         target = ServerTarget(args.base_url, args.model, args.api_key)
         samples = asyncio.run(build_samples(args, target))
         run = asyncio.run(run_load(target, samples, config))
     except httpx.TransportError as exc:
         print(f"error: {transport_error_text(exc)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, ServerError, httpx.HTTPError) as exc:
+    except (ValueError, OSError, ServerError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     summary = summarize(run.records, run.duration_s, percentiles, slos)

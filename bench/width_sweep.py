@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.agreement import prefix_agreement
-from bench.datasets import ALPACA_FILE, WIKITEXT_FILE, load_alpaca, require_data_file
+from bench.datasets import ALPACA_FILE, WIKITEXT_FILE, load_alpaca, require_data_file, require_writable
 from bench.pareto import pareto_front
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm import LLM
@@ -237,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = require_data_file(args.data_dir, WIKITEXT_FILE).read_text()
         tasks = load_alpaca(require_data_file(args.data_dir, ALPACA_FILE))
-        args.output_dir.mkdir(parents=True, exist_ok=True)      # before the measurements, not after
-        (args.output_dir / ".write-test").touch()
-        (args.output_dir / ".write-test").unlink()
+        require_writable(args.output_dir / "width_sweep.json")     # before the measurements, not after
     except OSError as e:        # FileNotFoundError from require_data_file, or an unwritable output dir
         print(f"error: {e}", file=sys.stderr)
         return 1

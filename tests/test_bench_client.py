@@ -87,3 +87,36 @@ def test_finished_stream_without_visible_text_times_the_finish_chunk():
 
     record = _run(handler, endpoint="completions")
     assert record.success and len(record.chunk_times) == 1 and record.num_output_tokens == 5
+
+
+def test_output_tokens_without_usage_are_counted_by_the_servers_tokenizer(capsys):
+    from bench.metrics import RequestRecord
+    from bench.runner import count_missing_output_tokens
+
+    def tokenizing(request: httpx.Request) -> httpx.Response:       # one token per word
+        body = json.loads(request.content)
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": list(range(len(body["prompt"].split())))})
+        return httpx.Response(200, json={"prompt": "x"})
+
+    def no_tokenizer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": {"message": "not found"}})
+
+    def records():
+        # A server that streams four tokens a chunk and sends no usage: chunks are no count.
+        return [RequestRecord(start_time=0.0, chunk_times=[1.0, 2.0], success=True,
+                              generated_text="one two three four five six seven eight"),
+                RequestRecord(start_time=0.0, chunk_times=[1.0], success=True, output_tokens=3,
+                              generated_text="a b c d e")]
+
+    async def run(handler, recs):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await count_missing_output_tokens(client, ServerTarget("http://test"), "m", recs)
+        return recs
+
+    counted = asyncio.run(run(tokenizing, records()))
+    assert [r.num_output_tokens for r in counted] == [8, 3]                    # usage wins where sent
+    assert "warning" not in capsys.readouterr().err
+    fallback = asyncio.run(run(no_tokenizer, records()))
+    assert [r.num_output_tokens for r in fallback] == [2, 3]
+    assert "a lower bound" in capsys.readouterr().err

@@ -124,3 +124,13 @@ def test_agreement_and_sweep(server_url, data_dir, tmp_path, capsys):
     assert all(p["agreement"] == 1.0 and p["failed"] == 0 and p["output_throughput"] > 0 for p in points)
     assert len({p["perplexity"] for p in points}) == 1
     assert (out / "sweep.png").stat().st_size > 0 and "| topk1 |" in (out / "sweep.md").read_text()
+
+
+def test_serve_cli_rejects_bad_paths_and_numbers_before_sending(tmp_path, data_dir, capsys):
+    (tmp_path / "afile").write_text("")
+    target = ["--base-url", "http://127.0.0.1:9", "--data-dir", str(data_dir)]     # nothing listens there
+    for bad, message in ((["--result-file", str(tmp_path / "afile" / "r.json")], "afile"),
+                         (["--burstiness", "inf"], "burstiness must be a positive number"),
+                         (["--request-timeout", "0"], "request timeout must be positive")):
+        assert serve.main([*target, *bad]) == 1
+        assert message in capsys.readouterr().err
