@@ -10,8 +10,10 @@ ARGS   ?=
 
 .PHONY: serve test install bench clean
 
-# The stamp depends on pyproject.toml so a changed dependency list reinstalls.
-$(VENV)/.installed: pyproject.toml
+# The stamp depends on pyproject.toml and this file, so a changed dependency list or install
+# step reinstalls.
+$(VENV)/.installed: pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Trident needs Python 3.10+; run make with PYTHON=python3.x")'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first: 2.13.0 resolves to the local CPU wheel; the project's range accepts it.

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,12 @@ def _load_hf_folder(path: Path, name: str) -> LoadedCheckpoint:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ValueError(f"{path} has no config.json")
-    config = config_from_hf(json.loads(cfg_file.read_text()))
+    try:
+        config = config_from_hf(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+    except KeyError as e:
+        raise ValueError(f"{cfg_file} has no {e.args[0]!r}, which a Llama-family config needs") from e
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path} has no *.safetensors weights")
@@ -199,15 +205,26 @@ def _load_gguf(path: Path, name: str) -> LoadedCheckpoint:
     from transformers import AutoTokenizer
 
     log.info("dequantizing %s (first start only; cached in %s)", path, cache)
-    reader = gguf.GGUFReader(str(path))
-    config = _gguf_config(reader)
-    state = _gguf_state_dict(reader, config)
+    try:
+        reader = gguf.GGUFReader(str(path))
+        config = _gguf_config(reader)
+        state = _gguf_state_dict(reader, config)
+    except ValueError as e:
+        if str(e).startswith("unsupported"):                  # our own message: a known format we do not run
+            raise
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file (missing {e}); is it truncated or corrupt?") from e
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    # transformers converts the GGUF vocabulary, merges and chat template into a fast tokenizer.
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "trident_config.json").write_text(json.dumps(config.__dict__))
+    try:
+        # transformers converts the GGUF vocabulary, merges and chat template into a fast tokenizer.
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "trident_config.json").write_text(json.dumps(config.__dict__))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)                 # no half-written cache entry
+        raise
     try:
         tmp.rename(cache)
     except OSError:          # another process finished first; its copy is equivalent

@@ -35,7 +35,10 @@ async def _start_engine(ctx: ServerContext, on_failure: Callable[[str], None] | 
         logger.info("engine ready: serving %s (max_model_len %d)", ctx.model_name, ctx.engine.max_model_len)
     except Exception as exc:
         ctx.start_error = f"{type(exc).__name__}: {exc}"
-        logger.exception("engine failed to start")
+        if isinstance(exc, (ValueError, OSError)):      # bad input (model, plan, flags): the message says it
+            logger.error("engine failed to start: %s", ctx.start_error)
+        else:
+            logger.exception("engine failed to start")
         if on_failure is not None:
             on_failure(ctx.start_error)
 

@@ -150,12 +150,14 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from engine.async_engine import AsyncEngine
+    from engine.loader import resolve_model_path
     from engine.pruning.plan import PruningPlan
     from server.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config_from_args(args)
+        resolve_model_path(args.model)                  # a missing path or package: exit 2 now
         if args.plan and args.plan not in PROFILES:
             if not Path(args.plan).is_file():
                 raise ValueError(f"--plan {args.plan!r} is neither a profile ({', '.join(PROFILES)}) nor a file")

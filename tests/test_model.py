@@ -211,3 +211,27 @@ def test_cpu_decode_attention_shares_one_mask_per_step_and_rebuilds_it_for_new_p
     meta.key_positions = meta.key_positions.clone()
     meta.key_positions[0, 2] = -1                                # a dropped token
     torch.testing.assert_close(paged_attention_ref(q, k_cache, v_cache, meta, 0.5), expected(meta.key_positions))
+
+
+def test_bad_checkpoints_name_the_file(tmp_path, tiny_model_dir, tiny_gguf, monkeypatch):
+    import json
+    import shutil
+
+    from engine.loader import load_checkpoint
+
+    monkeypatch.setenv("TRIDENT_CACHE_DIR", str(tmp_path / "cache"))      # no cached copy to fall back on
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.gguf is not a readable GGUF file"):
+        load_checkpoint(str(cut))
+    assert not any((tmp_path / "cache").glob("*tmp*"))                 # nothing half-written left behind
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["num_attention_heads"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json has no 'num_attention_heads'"):
+        load_checkpoint(str(folder))
+    (folder / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_checkpoint(str(folder))

@@ -47,6 +47,9 @@ def test_bad_plan_fails_fast(tmp_path):
     result = subprocess.run([sys.executable, "-m", "server", "serve", "--plan", str(tmp_path / "missing.json")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "missing.json" in result.stderr
+    no_model = subprocess.run([sys.executable, "-m", "server", "serve", "--model", str(tmp_path / "nowhere")],
+                              capture_output=True, text=True, timeout=60)
+    assert no_model.returncode == 2 and "neither an existing path nor a known alias" in no_model.stderr
 
 
 def test_plan_that_does_not_fit_the_model_stops_the_server(tmp_path, tiny_model_dir):
