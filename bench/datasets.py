@@ -5,6 +5,7 @@ otherwise they are estimated from word counts and the benchmark reads real count
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -52,6 +53,14 @@ def require_data_file(data_dir: str | Path, name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found: pass --data-dir pointing at a folder that holds {name}")
     return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the bench scripts' counts: an integer >= 1."""
+    value = int(text)                       # a ValueError: argparse reports the invalid value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def require_writable(path: str | Path) -> Path:

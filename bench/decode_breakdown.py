@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.datasets import WIKITEXT_FILE, require_data_file, require_writable
+from bench.datasets import WIKITEXT_FILE, positive_int, require_data_file, require_writable
 from bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for, plan_runs, speed_batch_prompts
 from engine.llm import LLM
 from engine.pruning.profiles import profile_dir
@@ -89,16 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plans-dir", type=Path, help="where plan names are looked up (default: the calibration's)")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--speed-batch", type=int, default=8)
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--window", type=positive_int, default=512)
+    ap.add_argument("--speed-batch", type=positive_int, default=8)
+    ap.add_argument("--decode-tokens", type=positive_int, default=32)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     args.max_tokens = args.decode_tokens
 
-    for flag in ("window", "speed_batch", "decode_tokens"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     runs = plan_runs(args.plans, args.plans_dir or profile_dir(args.model), args.model)
     try:
         text = require_data_file(args.data_dir, WIKITEXT_FILE).read_text()

@@ -56,10 +56,12 @@ async def token_windows(tokenizer: ServerTokenizer, text: str, window: int, num_
 
 
 def word_windows(text: str, window: int, num_windows: int) -> list[str]:
-    """Fallback windows of about `window` tokens, cut at word boundaries."""
+    """Fallback windows of about `window` tokens, cut at word boundaries: the last words of the
+    text, like `token_windows`."""
     words = text.split()
     per_window = max(2, round(window / TOKENS_PER_WORD))
-    return [" ".join(words[i:i + per_window]) for i in range(0, min(len(words), per_window * num_windows), per_window)]
+    words = words[-per_window * num_windows:]
+    return [" ".join(words[i:i + per_window]) for i in range(0, len(words), per_window)]
 
 
 async def build_windows(client: httpx.AsyncClient, target: ServerTarget, model: str, text: str,

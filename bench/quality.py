@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--num-windows", type=int, default=8)
     parser.add_argument("--num-prompts", type=int, default=16, help="alpaca prompts for greedy agreement")
-    parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt")
+    parser.add_argument("--max-tokens", type=datasets.positive_int, default=64, help="greedy tokens per prompt")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINT_PATHS), default="chat")
-    parser.add_argument("--concurrency", type=int, default=4, help="greedy requests in flight")
+    parser.add_argument("--concurrency", type=datasets.positive_int, default=4, help="greedy requests in flight")
     parser.add_argument("--reference", default=None, help="greedy reference JSON to compare with (or write)")
     parser.add_argument("--save-reference", action="store_true", help="write this run's outputs to --reference")
     parser.add_argument("--extra-body", default="{}",
@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--result-file", default=None, help="single mode: write the JSON result here")
     parser.add_argument("--sweep", nargs="+", default=None, metavar="LABEL=JSON|LABEL=URL",
                         help="sweep points: an extra body on --base-url, or a server URL each")
-    parser.add_argument("--throughput-prompts", type=int, default=16, help="sweep: requests per throughput run")
-    parser.add_argument("--throughput-concurrency", type=int, default=4, help="sweep: fixed concurrency")
+    parser.add_argument("--throughput-prompts", type=datasets.positive_int, default=16, help="sweep: requests per throughput run")
+    parser.add_argument("--throughput-concurrency", type=datasets.positive_int, default=4, help="sweep: fixed concurrency")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="bench/results/sweep", help="sweep: where the table, JSON and plot go")
     return parser
@@ -215,10 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_reference and not args.reference:
         print("error: --save-reference needs --reference FILE", file=sys.stderr)
         return 1
-    for flag in ("concurrency", "throughput_prompts", "throughput_concurrency", "max_tokens"):
-        if getattr(args, flag) < 1:
-            print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 1
     try:
         # Where results go is checked before the measurements, which take minutes.
         if args.sweep:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.agreement import prefix_agreement
-from bench.datasets import ALPACA_FILE, WIKITEXT_FILE, load_alpaca, require_data_file, require_writable
+from bench.datasets import ALPACA_FILE, WIKITEXT_FILE, load_alpaca, positive_int, require_data_file, require_writable
 from bench.pareto import pareto_front
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm import LLM
@@ -191,23 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plans", help="comma-separated plan names (in --plans-dir) or .json paths (default: every "
                                     "width-*.json of --plans-dir)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=positive_int, default=4096)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--num-prompts", type=int, default=16, help="Alpaca instructions for agreement")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--speed-batch", type=int, default=8)
+    ap.add_argument("--num-prompts", type=positive_int, default=16, help="Alpaca instructions for agreement")
+    ap.add_argument("--max-tokens", type=positive_int, default=32)
+    ap.add_argument("--speed-batch", type=positive_int, default=8)
     ap.add_argument("--speed-window", type=int,
                     help="prompt tokens of each timed batch prompt (default: --window, the perplexity window)")
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=positive_int, default=32)
     ap.add_argument("--single-prompt", type=int, default=64, help="prompt tokens of the single-sequence decode")
     ap.add_argument("--single-decode-tokens", type=int, default=64, help="decode steps of the single-sequence decode")
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=positive_int, default=3,
                     help="timing rounds over all plans; each plan's median is reported")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
-    for flag in ("eval_tokens", "num_prompts", "max_tokens", "speed_batch", "decode_tokens", "repeats"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 2 <= args.window <= args.eval_tokens:
         ap.error(f"--window must be 2..--eval-tokens ({args.eval_tokens})")
     args.speed_window = args.window if args.speed_window is None else args.speed_window

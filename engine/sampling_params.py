@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 MAX_TOP_LOGPROBS = 20
@@ -81,7 +82,7 @@ _FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penal
 def _check_types(p: SamplingParams) -> None:
     """ValueError for a field of the wrong kind, before it can fail inside a batched step."""
     def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
     for name in _INTS + _OPTIONAL_INTS:
         value = getattr(p, name)
@@ -89,7 +90,7 @@ def _check_types(p: SamplingParams) -> None:
             raise ValueError(f"{name} must be an integer, got {value!r}")
     for name in _FLOATS:
         value = getattr(p, name)
-        if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not isinstance(p.stop, (list, tuple)) or not all(isinstance(s, str) for s in p.stop):
         raise ValueError(f"stop must be a string or a list of strings, got {p.stop!r}")

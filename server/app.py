@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.chat import ChatServer, chat_prompt_ids
@@ -55,7 +56,7 @@ class BearerAuthMiddleware:
         self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in self.protected:
+        if scope["type"] == "http" and get_route_path(scope) in self.protected:   # relative to a mount
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 response = APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",

@@ -35,7 +35,7 @@ def test_window_nll_skips_the_first_token():
     with pytest.raises(RuntimeError, match="null logprob"):
         window_nll([None, None, -1.0])
     windows = word_windows("one two three four five six seven", window=4, num_windows=2)
-    assert windows == ["one two three", "four five six"]
+    assert windows == ["two three four", "five six seven"]          # the end of the text, as token windows
 
 
 def _point(label, speed, ppl, agreement=None):
@@ -244,7 +244,9 @@ def test_quality_cli_rejects_bad_numbers_and_unwritable_results_before_measuring
 
     (tmp_path / "afile").write_text("")
     target = ["--base-url", "http://127.0.0.1:9"]              # nothing listens: no request is made
-    assert main([*target, "--concurrency", "0"]) == 1 and "--concurrency must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*target, "--concurrency", "0"])
+    assert "--concurrency: must be >= 1, got 0" in capsys.readouterr().err
     assert main([*target, "--result-file", str(tmp_path / "afile" / "r.json")]) == 1
     assert "afile" in capsys.readouterr().err
     assert main([*target, "--sweep", "a={}", "--output-dir", str(tmp_path / "afile" / "sweep")]) == 1

@@ -1,4 +1,5 @@
 """Trident's model code against HF transformers on tiny random models, from both file formats."""
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +119,9 @@ def test_request_validation(tiny_model_dir):
     with pytest.raises(ValueError, match="1 sampling params for 2 prompts"):
         llm.generate(["Hello", "Hi"], [SamplingParams()])
     assert not llm.engine.has_unfinished_requests()                 # nothing was queued
+    with pytest.raises(ValueError, match="stop_token_ids must be in"):
+        llm.generate(["Hello"], SamplingParams(min_tokens=2, stop_token_ids=[10**6]))
+    assert SamplingParams(seed=np.int64(3), max_tokens=np.int64(4), top_p=np.float32(0.5)).max_tokens == 4
     with pytest.raises(ValueError, match="maximum context length"):    # the second prompt is too long
         llm.generate([[5, 6, 7], [1] * 300], SamplingParams(max_tokens=4))
     assert not llm.engine.has_unfinished_requests()                 # the first was not queued either
@@ -224,7 +228,15 @@ def test_bad_checkpoints_name_the_file(tmp_path, tiny_model_dir, tiny_gguf, monk
     cut.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
     with pytest.raises(ValueError, match="cut.gguf is not a readable GGUF file"):
         load_checkpoint(str(cut))
-    assert not any((tmp_path / "cache").glob("*tmp*"))                 # nothing half-written left behind
+    import engine.loader as loader
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(loader, "save_file", full_disk)               # fails after the cache folder exists
+    with pytest.raises(OSError, match="No space left"):
+        load_checkpoint(str(tiny_gguf))
+    assert (tmp_path / "cache").exists() and not any((tmp_path / "cache").iterdir())   # nothing half-written
     folder = tmp_path / "folder"
     shutil.copytree(tiny_model_dir, folder)
     config = json.loads((folder / "config.json").read_text())

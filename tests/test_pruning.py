@@ -56,6 +56,7 @@ def test_plan_json_round_trip(tmp_path, tiny_model_dir):
     (lambda p: p.layers[2].__setattr__("kept_kv_heads", [0]), "query head 2 is kept but its KV head 1 is dropped"),
     (lambda p: p.layers[2].__setattr__("kept_kv_heads", []), "query head 0 is kept but its KV head 0 is dropped"),
     (lambda p: [l.__setattr__("keep", False) for l in p.layers], "drops every layer"),
+    (lambda p: p.layers[1].__setattr__("kept_q_heads", [0.0, 1.5]), "query head 0.0 is out of range"),
 ])
 def test_plan_validation_errors(edit, message, tiny_model_dir):
     config = load_checkpoint(str(tiny_model_dir)).config

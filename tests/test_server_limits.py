@@ -110,6 +110,17 @@ def test_non_stream_disconnect_aborts(server):
     assert server.metric("trident_generation_tokens_total") - tokens < LONG["max_tokens"]
 
 
+def test_api_key_holds_when_the_app_is_mounted_under_a_prefix():
+    from fastapi import FastAPI
+
+    parent = FastAPI()
+    parent.mount("/trident", build_app(AsyncEngine(EngineConfig(model="not-loaded")), api_key=API_KEY))
+    client = TestClient(parent)                     # no `with`: the engine never starts
+    assert client.get("/trident/v1/models").status_code == 401
+    assert client.get("/trident/v1/models", headers=AUTH).status_code == 503        # past the key: loading
+    assert client.get("/trident/health").status_code == 503                         # open, and loading
+
+
 def test_503_while_loading():
     app = build_app(AsyncEngine(EngineConfig(model="not-loaded-yet")))
     client = TestClient(app)   # no `with`: the lifespan never starts the engine

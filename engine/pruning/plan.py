@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -208,16 +209,16 @@ def _check_indices(indices: list[int] | None, limit: int, what: str) -> None:
     if len(set(indices)) != len(indices):
         raise PlanError(f"{what} list has duplicates")
     for i in indices:
-        if not 0 <= i < limit:
-            raise PlanError(f"{what} {i} is out of range [0, {limit})")
+        if not _is_int(i) or not 0 <= i < limit:       # plans built in code skip from_dict's type checks
+            raise PlanError(f"{what} {i!r} is out of range [0, {limit})")
 
 
 def _is_int(value) -> bool:
-    return type(value) is int                      # bool is an int subclass; JSON true is no index
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)   # JSON true is no index
 
 
 def _is_number(value) -> bool:
-    return type(value) in (int, float)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _list_of(value, check, what: str, kind: str) -> list | None:
