@@ -72,7 +72,7 @@ def _decode_attention_kernel(
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
         scores = tl.where((k_pos >= 0)[None, :], scores, float("-inf"))
         if STORE_LOGITS:   # logits: [S, Hk, L] in log2 units
-            tl.store(logits_ptr + (seq * num_kept + member[:, None]) * logits_len + offs_n[None, :],
+            tl.store(logits_ptr + (seq.to(tl.int64) * num_kept + member[:, None]) * logits_len + offs_n[None, :],
                      scores, mask=mask_h[:, None] & mask_n[None, :])
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -126,7 +126,8 @@ def _decode_key_mass_kernel(
     mass = tl.zeros([BLOCK_N], tl.float32)
     for head_idx in range(num_kept):
         lse = tl.load(lse_ptr + seq * num_kept + head_idx)
-        logits = tl.load(logits_ptr + (seq * num_kept + head_idx) * logits_len + offs_n, mask=mask_n, other=0.0)
+        logits = tl.load(logits_ptr + (seq.to(tl.int64) * num_kept + head_idx) * logits_len + offs_n,
+                         mask=mask_n, other=0.0)
         mass += tl.where(mask_n, tl.exp2(logits - lse), 0.0)
     mass_ptrs = mass_ptr + seq * stride_mass + offs_n
     tl.store(mass_ptrs, tl.load(mass_ptrs, mask=offs_n < logits_len, other=0.0) + mass, mask=offs_n < logits_len)

@@ -66,7 +66,7 @@ def _prefill_attention_kernel(
     q_head = tl.load(kept_ptr + head_idx)
     kv_head = q_head // group_size
 
-    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_m = row_start.to(tl.int64) + tl.arange(0, BLOCK_M)    # int64: offs_m * stride passes 2**31 at long T
     offs_d = tl.arange(0, BLOCK_D)
     mask_m, mask_d = offs_m < row_end, offs_d < head_dim
     q = tl.load(q_ptr + offs_m[:, None] * stride_qt + q_head * stride_qh + offs_d[None, :],
@@ -131,7 +131,7 @@ def _prefill_key_mass_kernel(
         row_start = tl.maximum(tl.load(seq_start_ptr + seq), row_end - window)
         mass = tl.zeros([BLOCK_N], tl.float32)
         for row in range(row_start, row_end, BLOCK_M):
-            offs_m = row + tl.arange(0, BLOCK_M)
+            offs_m = row + tl.arange(0, BLOCK_M).to(tl.int64)
             mask_m = offs_m < row_end
             q = tl.load(q_ptr + offs_m[:, None] * stride_qt + q_head * stride_qh + offs_d[None, :],
                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)

@@ -40,7 +40,7 @@ def _rope_write_kv_kernel(
 ):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
-    slot = tl.load(slot_ptr + t)
+    slot = tl.load(slot_ptr + t).to(tl.int64)     # slot * stride passes 2**31 in large caches
     offs_half = tl.arange(0, BLOCK_HALF)
     cos = tl.load(cos_ptr + pos * stride_cos + offs_half, mask=offs_half < half_dim, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_sin + offs_half, mask=offs_half < half_dim, other=0.0).to(tl.float32)

@@ -15,7 +15,7 @@ from kernels.launch import FLOAT_DTYPES, check, check_tensor
 
 @triton.jit
 def _swiglu_kernel(x_ptr, out_ptr, stride_x, stride_o, ffn, BLOCK: tl.constexpr):
-    row, col_block = tl.program_id(0), tl.program_id(1)
+    row, col_block = tl.program_id(0).to(tl.int64), tl.program_id(1)   # row * stride: int64 offsets
     offs = col_block * BLOCK + tl.arange(0, BLOCK)
     mask = offs < ffn
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
