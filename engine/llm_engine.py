@@ -109,6 +109,9 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}")
+        banned = {*params.stop_token_ids, *(() if params.ignore_eos else self.tokenizer.eos_token_ids)}
+        if params.min_tokens and len(banned) >= vocab:
+            raise ValueError("min_tokens with stop_token_ids covering the whole vocabulary leaves nothing to sample")
         if n >= self.max_model_len and not (n == self.max_model_len and params.max_tokens == 0):
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
                              f"has {n} tokens, leaving no room for output")
@@ -148,7 +151,8 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         """Requests with a sequence in the waiting queue (the unit of `max_waiting`)."""
-        return len({seq.request_id for seq in self.scheduler.waiting})
+        # tuple() copies the deque in one C call, so the step loop's thread cannot change it midway.
+        return len({seq.request_id for seq in tuple(self.scheduler.waiting)})
 
     # ------------------------------------------------------------------ stepping
 

@@ -57,9 +57,13 @@ class Generation:
         try:
             async for last in self.engine.generate(prompt_ids, self.params, f"{self.request_id}-{index}"):
                 now = time.perf_counter()
+                if self.finals[index] is None:               # the prompt is in: count it now
+                    metrics.prompt_tokens.inc(len(prompt_ids))
                 if last.num_output_tokens > num_seen:
                     histogram = metrics.inter_token_latency if num_seen else metrics.time_to_first_token
                     histogram.observe(now - last_time)
+                    # Counted as they stream, so a token rate moves during long generations.
+                    metrics.generation_tokens.inc(last.num_output_tokens - num_seen)
                     num_seen, last_time = last.num_output_tokens, now
                 self.finals[index] = last
                 self._queue.put_nowait((index, last))
@@ -75,9 +79,6 @@ class Generation:
             self._queue.put_nowait((index, exc))
         finally:
             metrics.requests_running.dec()
-            if last is not None:
-                metrics.prompt_tokens.inc(len(prompt_ids))
-                metrics.generation_tokens.inc(last.num_output_tokens)
 
     async def start(self) -> None:
         """Waits until every prompt has its first output; raises the APIError of one that failed."""

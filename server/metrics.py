@@ -28,7 +28,7 @@ class ServerMetrics:
         self.prompt_tokens = Counter("trident_prompt_tokens", "Prompt tokens of finished or aborted requests",
                                      registry=r)
         self.generation_tokens = Counter("trident_generation_tokens", "Generated tokens", registry=r)
-        self.requests_finished = Counter("trident_requests_finished", "Engine requests by finish reason",
+        self.requests_finished = Counter("trident_requests_finished", "Completions (choices; n per request) by finish reason",
                                          ["finish_reason"], registry=r)
         self.requests_aborted = Counter("trident_requests_aborted",
                                         "Engine requests aborted because the client went away", registry=r)

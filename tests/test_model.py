@@ -119,6 +119,9 @@ def test_request_validation(tiny_model_dir):
     with pytest.raises(ValueError, match="1 sampling params for 2 prompts"):
         llm.generate(["Hello", "Hi"], [SamplingParams()])
     assert not llm.engine.has_unfinished_requests()                 # nothing was queued
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match="leaves nothing to sample"):
+        llm.generate(["Hello"], SamplingParams(min_tokens=2, stop_token_ids=list(range(vocab))))
     with pytest.raises(ValueError, match="stop_token_ids must be in"):
         llm.generate(["Hello"], SamplingParams(min_tokens=2, stop_token_ids=[10**6]))
     assert SamplingParams(seed=np.int64(3), max_tokens=np.int64(4), top_p=np.float32(0.5)).max_tokens == 4

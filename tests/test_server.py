@@ -288,9 +288,19 @@ def test_metrics(server, client):
     assert server.metric("trident_generation_tokens_total") == before + 7
     assert server.metric("trident_http_requests_total",
                          '{endpoint="/v1/completions",status="200"}') == requests_before + 1
+    httpx.post(f"{server.url}/v1/completions", json={"prompt": []})          # a 400 of this test's own
     assert server.metric("trident_http_requests_total", '{endpoint="/v1/completions",status="400"}') > 0
     assert server.metric("trident_time_to_first_token_seconds_count") > 0
     assert server.metric("trident_inter_token_latency_seconds_count") > 0
     assert server.metric("trident_e2e_request_latency_seconds_count") > 0
     assert server.metric("trident_engine_ready") == 1.0
     assert server.metric("trident_requests_running") == 0.0
+    # Generated tokens count while a stream runs, not only when it ends.
+    before = server.metric("trident_generation_tokens_total")
+    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=200, stream=True, **NO_EOS)
+    seen = 0
+    for chunk in stream:
+        seen += 1
+        if seen == 5:
+            mid = server.metric("trident_generation_tokens_total")
+    assert before < mid < before + 200 == server.metric("trident_generation_tokens_total")
