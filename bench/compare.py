@@ -195,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = markdown_table(rows)
     print(table)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output)                    # its folder was made by require_writable
     out.write_text(table, encoding="utf-8")
     document = {"command": recorded_command("compare", argv), "rows": [asdict(r) for r in rows]}
     out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

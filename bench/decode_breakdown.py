@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append("| sum of the medians | " + " | ".join(f"{sum(results[l]['profiled_ms'].values()):.1f}" for l in labels) + " |")
     rows.append("| wall, no profiler (median) | " + " | ".join(f"{results[l]['step_ms']:.1f}" for l in labels) + " |")
     print("\n".join(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.json:                              # its folder was made by require_writable
         args.json.write_text(json.dumps({"command": "python -m bench.decode_breakdown " + " ".join(argv or sys.argv[1:]),
                                          "dtype": args.dtype, "batch": args.speed_batch, "context": args.window,
                                          "results": results}, indent=1))

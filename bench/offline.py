@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from bench.datasets import WIKITEXT_FILE, require_data_file, require_writable
+from bench.datasets import WIKITEXT_FILE, default_data_dir, require_data_file, require_writable
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm import LLM
 from engine.loader import resolve_model_path
 from engine.sampling_params import SamplingParams
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA = default_data_dir()
 
 
 def copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -230,8 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             k: results["trident"][k] / base[k] for k in ("decode_b1_tok_s", "decode_batch_tok_s", "prefill_tok_s")
         }
     print_table(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.json:                              # its folder was made by require_writable
         args.json.write_text(json.dumps(report, indent=2))
     return report
 

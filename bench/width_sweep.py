@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from bench.agreement import prefix_agreement
-from bench.datasets import ALPACA_FILE, WIKITEXT_FILE, load_alpaca, positive_int, require_data_file, require_writable
+from bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, default_data_dir, load_alpaca, positive_int, require_data_file,
+                            require_writable)
 from bench.pareto import pareto_front
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm import LLM
@@ -31,7 +32,7 @@ from engine.pruning.profiles import profile_dir
 from engine.sampling_params import SamplingParams
 from kernels.linear import Linear
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = default_data_dir()
 
 
 def batch_params(decode_tokens: int) -> SamplingParams:
@@ -99,19 +100,19 @@ def engine_for(model: str, plan: str | None, args) -> LLM:
                                                       max_num_batched_tokens=args.window * 4)))
 
 
-def heal_steps(plan: str | None) -> int:
-    """Distillation steps that healed `plan`, from the calibration.json next to it (0: not healed,
-    or no record; every least-squares plan has a weights file, so the file alone does not tell)."""
+def calibration_report(plan: str | None) -> dict | None:
+    """The calibration.json next to `plan`: the record of the calibration that wrote it (None: none)."""
     if plan is None or not (report := Path(plan).parent / "calibration.json").exists():
-        return 0
-    entries = [p for p in json.loads(report.read_text())["sweep"] if p["plan"] == Path(plan).stem]
+        return None
+    return json.loads(report.read_text())
+
+
+def heal_steps(plan: str | None) -> int:
+    """Distillation steps that healed `plan`, from its calibration report (0: not healed, or no
+    record; every least-squares plan has a weights file, so the file alone does not tell)."""
+    report = calibration_report(plan)
+    entries = [p for p in report["sweep"] if p["plan"] == Path(plan).stem] if report else []
     return entries[0]["healing"]["steps"] if entries and "healing" in entries[0] else 0
-
-
-def calibration_eval_tokens(plan: str) -> int | None:
-    """Held-out tokens at the end of the text of the calibration that wrote `plan` (None: no record)."""
-    report = Path(plan).parent / "calibration.json"
-    return json.loads(report.read_text()).get("eval_tokens") if report.exists() else None
 
 
 def gemm_weights(llm: LLM) -> int:
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     for _, plan in runs[1:]:
-        held_out_tokens = calibration_eval_tokens(plan)
+        # Held-out tokens at the end of the text of the calibration that wrote the plan.
+        held_out_tokens = (calibration_report(plan) or {}).get("eval_tokens")
         if held_out_tokens is not None and args.eval_tokens > held_out_tokens:
             print(f"error: --eval-tokens {args.eval_tokens} reaches into text that {plan} was calibrated or "
                   f"healed on (its calibration held out the last {held_out_tokens} tokens)", file=sys.stderr)
