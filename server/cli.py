@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.pruning.plan import HEAD_UNITS
 from engine.pruning.profiles import PROFILES
 from engine.pruning.reconstruct import COMPENSATIONS
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--compensation", choices=COMPENSATIONS, default="least-squares",
                            help="how the kept o_proj/down_proj columns make up for the removed ones: refit by "
                                 "least squares on the calibration moments, or only the removed mean as a bias")
+    calibrate.add_argument("--head-unit", choices=HEAD_UNITS, default="head",
+                           help="what width pruning drops from attention: single query heads, or whole KV groups "
+                                "(a KV head with its query heads: equal groups and a smaller KV cache)")
     calibrate.add_argument("--heal-steps", type=int, default=0,
                            help="distillation steps that heal each plan of --heal-budgets (default 0: compensation "
                                 "only; 6-8 s a step on 2 CPU cores for a 135M model)")
@@ -112,7 +116,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     try:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
                            out_dir=Path(args.out) if args.out else None, heal_steps=args.heal_steps,
-                           heal_lr=args.heal_lr, compensation=args.compensation, **budgets)
+                           heal_lr=args.heal_lr, compensation=args.compensation,
+                           head_unit=args.head_unit, **budgets)
     except (ValueError, OSError) as e:
         print(f"trident calibrate: {e}", file=sys.stderr)
         return 2

@@ -408,3 +408,39 @@ def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_mode
     with pytest.raises(ValueError, match="compensation must be one of"):
         calibrate(str(tiny_model_dir), tmp_path / "text.txt", compensation="magic")
 
+
+
+def test_group_head_unit_drops_whole_kv_groups_by_summed_scores():
+    from engine.pruning.calibrate import _global_keep_groups
+
+    # Two layers of 4 query heads in 2 groups. Layer 0's lowest single head (0) sits in its
+    # strongest group; the groups' summed standardized scores pick group 1 instead.
+    scores = [[0.0, 9.0, 4.0, 4.5], [5.0, 6.0, 6.0, 5.0]]
+    # 0.5 of 8 heads is the attention weight of 4 * 2 / (2 * 2 + 2) = 1.33 -> 1 group.
+    assert _global_keep_groups(scores, 0.5, group=2) == [[0, 1], [0, 1, 2, 3]]
+    # Every layer keeps a group, however large the budget.
+    assert _global_keep_groups(scores, 1.0, group=2) == [[0, 1], [2, 3]]
+    assert _global_keep_groups(scores, 0.0, group=2) == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_calibration_with_group_head_unit_keeps_groups_equal_and_shrinks_the_kv_cache(tmp_path, tiny_model_dir):
+    from engine.pruning.calibrate import calibrate
+
+    (tmp_path / "text.txt").write_text(" ".join(["Once upon a time there was a dragon."] * 120))
+    report = calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=128, eval_tokens=64, window=64,
+                       out_dir=tmp_path / "groups", head_unit="group")
+    assert all(p["head_unit"] == "group" for p in report["sweep"][1:])
+    ckpt = load_checkpoint(str(tiny_model_dir))
+    half = PruningPlan.load(tmp_path / "groups" / "width-0.50.json")
+    kv = [half.kv_heads_of(i, ckpt.config) for i in range(len(half.layers))]
+    assert sum(len(k) for k in kv) == 8 - 3            # round(0.5 * 16 * 2 / 6) groups of 8 go
+    for layer, kept_kv in zip(half.layers, kv):
+        assert sorted(layer.kept_q_heads or range(4)) == [2 * g + j for g in kept_kv for j in range(2)]
+    state = apply_plan(ckpt.state_dict, ckpt.config, half)
+    assert not [k for k in state if k.endswith("virtual_q_heads")]
+    llm = make_llm(tiny_model_dir, str(tmp_path / "groups" / "width-0.50.json"))
+    caches = llm.engine.runner.kv_caches
+    assert [c[0].shape[1] for c in caches] == [len(k) for k in kv]
+    assert llm.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="head unit must be one of"):
+        calibrate(str(tiny_model_dir), tmp_path / "text.txt", head_unit="layer")

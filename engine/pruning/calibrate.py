@@ -31,7 +31,7 @@ from engine.loader import load_checkpoint
 from engine.model import LlamaModel
 from engine.pruning.apply import apply_plan
 from engine.pruning.heal import heal, layer_tensors
-from engine.pruning.plan import LayerPlan, PruningPlan
+from engine.pruning.plan import HEAD_UNITS, LayerPlan, PruningPlan
 from engine.pruning.reconstruct import COMPENSATIONS, refit_columns
 from engine.pruning.profiles import profile_dir
 from engine.sampling_params import SamplingParams
@@ -130,38 +130,63 @@ def _standardized(scores: list[list[float]]) -> list[torch.Tensor]:
 def _global_keep(scores: list[list[float]], fraction: float, min_keep: int) -> list[list[int]]:
     """Indices kept per layer after dropping the globally lowest `fraction` of standardized scores."""
     z = _standardized(scores)
-    flat = torch.cat(z)
-    num_drop = int(round(fraction * flat.numel()))
-    keep = [list(range(len(s))) for s in scores]
+    return _drop_lowest(z, int(round(fraction * sum(len(s) for s in scores))), min_keep)
+
+
+def _drop_lowest(z: list[torch.Tensor], num_drop: int, min_keep: int) -> list[list[int]]:
+    """Indices kept per layer after dropping the `num_drop` globally lowest scores of `z`, each
+    layer keeping at least `min_keep`."""
+    keep = [list(range(len(s))) for s in z]
     if num_drop == 0:
         return keep
-    order = torch.argsort(flat, stable=True).tolist()
-    owner = [(l, i) for l, s in enumerate(scores) for i in range(len(s))]
-    dropped: list[set[int]] = [set() for _ in scores]
+    order = torch.argsort(torch.cat(z), stable=True).tolist()
+    owner = [(l, i) for l, s in enumerate(z) for i in range(len(s))]
+    dropped: list[set[int]] = [set() for _ in z]
     for idx in order:
         if num_drop == 0:
             break
         l, i = owner[idx]
-        if len(scores[l]) - len(dropped[l]) > min_keep:
+        if len(z[l]) - len(dropped[l]) > min_keep:
             dropped[l].add(i)
             num_drop -= 1
     return [[i for i in k if i not in d] for k, d in zip(keep, dropped)]
 
 
-def width_plan(imp: dict, llm: LLM, fraction: float, name: str,
-               stats: list[LayerStats] | None = None) -> tuple[PruningPlan, dict[str, torch.Tensor]]:
+def _global_keep_groups(scores: list[list[float]], fraction: float, group: int) -> list[list[int]]:
+    """Query heads kept per layer when whole KV groups (a KV head and its `group` query heads) go.
+
+    A group scores the sum of its heads' standardized scores. As many groups go as remove the
+    attention weights that dropping `fraction` of the query heads would (a query head is its
+    q_proj rows and o_proj columns; a group adds its k_proj and v_proj rows), so the two head units
+    spend a budget alike. Every layer keeps at least one group."""
+    z = _standardized(scores)
+    num_heads = sum(len(s) for s in scores)
+    num_drop = int(round(fraction * num_heads * 2 / (2 * group + 2)))
+    kept_groups = _drop_lowest([t.view(-1, group).sum(1) for t in z], num_drop, min_keep=1)
+    return [[g * group + j for g in kept for j in range(group)] for kept in kept_groups]
+
+
+def width_plan(imp: dict, llm: LLM, fraction: float, name: str, stats: list[LayerStats] | None = None,
+               head_unit: str = "head") -> tuple[PruningPlan, dict[str, torch.Tensor]]:
     """Drop `fraction` of query heads and of FFN channels, spread non-uniformly across layers.
+
+    head_unit "head" drops single query heads; "group" drops whole KV groups (see
+    _global_keep_groups), which keeps every layer's groups equal and shrinks its KV cache.
 
     Compensation: with `stats`, o_proj / down_proj are refit by least squares on the calibration
     moments (engine.pruning.reconstruct) and returned as sliced HF-named tensors for the plan's
     weights file; without, the removed channels' mean contribution becomes the bias (FLAP)."""
     cfg: ModelConfig = llm.engine.model_config
     layers_imp = imp["layers"]
-    heads = _global_keep([l["head_scores"] for l in layers_imp], fraction, min_keep=1)
+    group = cfg.num_heads // cfg.num_kv_heads
+    head_scores = [l["head_scores"] for l in layers_imp]
+    if head_unit not in HEAD_UNITS:
+        raise ValueError(f"head unit must be one of {HEAD_UNITS}, got {head_unit!r}")
+    heads = (_global_keep(head_scores, fraction, min_keep=1) if head_unit == "head"
+             else _global_keep_groups(head_scores, fraction, group))
     channels = _global_keep([l["channel_scores"] for l in layers_imp], fraction,
                             min_keep=max(1, cfg.intermediate_size // 16))
     layers, tensors = [], {}
-    group = cfg.num_heads // cfg.num_kv_heads
     for i, (layer, li, kept_h, kept_c) in enumerate(zip(llm.engine.model.layers, layers_imp, heads, channels)):
         plan = LayerPlan()
         p = f"model.layers.{i}."
@@ -236,8 +261,10 @@ def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[
 def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int = 4096, window: int = 512,
               out_dir: Path | None = None, dtype: str = "float32", heal_steps: int = 0,
               heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4,
-              compensation: str = "least-squares") -> dict:
+              compensation: str = "least-squares", head_unit: str = "head") -> dict:
     """Collect statistics, write importance.json and the width sweep + named profiles; returns a report.
+
+    head_unit: "head" drops single query heads, "group" whole KV groups (width_plan).
 
     compensation: "least-squares" refits o_proj / down_proj (engine.pruning.reconstruct), "bias"
     only adds the removed channels' mean. heal_steps > 0 then heals the plans of `heal_budgets`
@@ -252,6 +279,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
         raise ValueError(f"heal learning rate must be a positive number, got {heal_lr}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
+    if head_unit not in HEAD_UNITS:
+        raise ValueError(f"head unit must be one of {HEAD_UNITS}, got {head_unit!r}")
     unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
     if heal_steps > 0 and unknown:
         raise ValueError(f"heal budgets {unknown} are not among the width budgets {list(WIDTH_BUDGETS)}")
@@ -294,13 +323,13 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
     sweep = [{"plan": "dense", "width_fraction": 0.0, "perplexity": dense_ppl, "path": str(out_dir / "dense.json")}]
     for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
         plan, tensors = width_plan(imp, llm, fraction, f"width-{fraction:.2f}",
-                                   stats if compensation == "least-squares" else None)
+                                   stats if compensation == "least-squares" else None, head_unit)
         plan.base_dir = out_dir
         plan.model["digest"] = digest
         if tensors:
             save_file(tensors, str(out_dir / f"{plan.name}.safetensors"))
             plan.weights = f"{plan.name}.safetensors"
-        point = {"plan": plan.name, "width_fraction": fraction, "compensation": compensation}
+        point = {"plan": plan.name, "width_fraction": fraction, "compensation": compensation, "head_unit": head_unit}
         if heal_steps > 0 and any(math.isclose(fraction, b) for b in heal_budgets):
             point["healing"] = heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr,
                                          out_dir, val_windows)

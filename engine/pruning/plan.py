@@ -27,6 +27,9 @@ import torch
 from engine.config import ModelConfig
 
 PLAN_VERSION = 1
+# What width pruning drops from attention: single query heads, or whole KV groups (a KV head with
+# the query heads that read it). Either way a plan lists the heads kept; calibration picks them.
+HEAD_UNITS = ("head", "group")
 
 
 class PlanError(ValueError):
