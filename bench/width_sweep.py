@@ -85,13 +85,20 @@ def speed_batch_prompts(text: str, batch: int, window: int):
 def plan_runs(names: str, plans_dir: Path, model: str) -> list[tuple[str, str | None]]:
     """[(label, plan path)]: dense (no plan) first, then each comma-separated plan name (looked up
     in `plans_dir`) or .json path. Exits with a message when a plan does not exist."""
-    runs = [("dense", None)]
+    paths = []
     for name in filter(None, names.split(",")):
         path = Path(name).expanduser() if name.endswith(".json") else plans_dir / f"{name}.json"
         if not path.exists():
             raise SystemExit(f"error: no plan {path}; run `trident calibrate --model {model}`")
-        runs.append((path.stem, str(path)))
-    return runs
+        paths.append(path)
+    return [("dense", None)] + labelled(paths)
+
+
+def labelled(paths: list[Path]) -> list[tuple[str, str]]:
+    """[(label, path)]: a plan's name, or, for plans of the same name from two calibrations,
+    its folder and name."""
+    stems = [p.stem for p in paths]
+    return [(p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}/{p.stem}", str(p)) for p in paths]
 
 
 def engine_for(model: str, plan: str | None, args) -> LLM:
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plans:
         runs = plan_runs(args.plans, plans_dir, args.model)
     else:
-        runs = [("dense", None)] + [(p.stem, str(p)) for p in sorted(plans_dir.glob("width-*.json"))]
+        runs = [("dense", None)] + labelled(sorted(plans_dir.glob("width-*.json")))
     if len(runs) == 1:
         print(f"error: no width-*.json plans in {plans_dir}; run `trident calibrate --model {args.model}`",
               file=sys.stderr)
@@ -242,9 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.num_prompts > len(tasks):
         ap.error(f"--num-prompts must be 1..{len(tasks)}")
-    labels = [label for label, _ in runs]
-    # Plans of the same name from two calibrations are told apart by their folder.
-    runs = [(label if labels.count(label) == 1 else f"{Path(plan).parent.name}/{label}", plan) for label, plan in runs]
     instructions = [t.prompt for t in tasks[-args.num_prompts:]]     # instruction and its input
     held_out = lambda tok: token_windows(tok, text, args.eval_tokens, args.window, from_end=True)
     speed_prompts = speed_batch_prompts(text, args.speed_batch, args.speed_window)

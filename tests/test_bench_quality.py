@@ -251,3 +251,16 @@ def test_quality_cli_rejects_bad_numbers_and_unwritable_results_before_measuring
     assert "afile" in capsys.readouterr().err
     assert main([*target, "--sweep", "a={}", "--output-dir", str(tmp_path / "afile" / "sweep")]) == 1
     assert "afile" in capsys.readouterr().err
+
+
+def test_plans_of_the_same_name_from_two_calibrations_get_their_folder_in_the_label(tmp_path):
+    from bench.width_sweep import plan_runs
+
+    for folder in ("heads", "groups"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "width-0.20.json").write_text("{}")
+    (tmp_path / "heads" / "width-0.25.json").write_text("{}")
+    runs = plan_runs(f"width-0.20,width-0.25,{tmp_path}/groups/width-0.20.json", tmp_path / "heads", "m")
+    assert [label for label, _ in runs] == ["dense", "heads/width-0.20", "width-0.25", "groups/width-0.20"]
+    with pytest.raises(SystemExit, match="no plan"):
+        plan_runs("width-0.30", tmp_path / "heads", "m")
