@@ -166,6 +166,12 @@ def _global_keep_groups(scores: list[list[float]], fraction: float, group: int) 
     return [[g * group + j for g in kept for j in range(group)] for kept in kept_groups]
 
 
+def _check_head_unit(head_unit: str) -> None:
+    """ValueError unless `head_unit` is one width_plan knows (calibrate checks before its statistics)."""
+    if head_unit not in HEAD_UNITS:
+        raise ValueError(f"head unit must be one of {HEAD_UNITS}, got {head_unit!r}")
+
+
 def width_plan(imp: dict, llm: LLM, fraction: float, name: str, stats: list[LayerStats] | None = None,
                head_unit: str = "head") -> tuple[PruningPlan, dict[str, torch.Tensor]]:
     """Drop `fraction` of query heads and of FFN channels, spread non-uniformly across layers.
@@ -180,8 +186,7 @@ def width_plan(imp: dict, llm: LLM, fraction: float, name: str, stats: list[Laye
     layers_imp = imp["layers"]
     group = cfg.num_heads // cfg.num_kv_heads
     head_scores = [l["head_scores"] for l in layers_imp]
-    if head_unit not in HEAD_UNITS:
-        raise ValueError(f"head unit must be one of {HEAD_UNITS}, got {head_unit!r}")
+    _check_head_unit(head_unit)
     heads = (_global_keep(head_scores, fraction, min_keep=1) if head_unit == "head"
              else _global_keep_groups(head_scores, fraction, group))
     channels = _global_keep([l["channel_scores"] for l in layers_imp], fraction,
@@ -279,8 +284,7 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
         raise ValueError(f"heal learning rate must be a positive number, got {heal_lr}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
-    if head_unit not in HEAD_UNITS:
-        raise ValueError(f"head unit must be one of {HEAD_UNITS}, got {head_unit!r}")
+    _check_head_unit(head_unit)
     unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
     if heal_steps > 0 and unknown:
         raise ValueError(f"heal budgets {unknown} are not among the width budgets {list(WIDTH_BUDGETS)}")
