@@ -5,9 +5,10 @@
 For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
 end of WikiText-2 (calibration reads the start), greedy token agreement with dense on the last
 `--num-prompts` Alpaca tasks (instruction and input), and prefill, batch decode and
-single-sequence decode tok/s measured in this same run, in rounds that time every plan once
-(the median of `--repeats` rounds is reported). Writes
-a markdown table, JSON and a PNG plot of quality against speed with the Pareto front. "GEMM
+single-sequence decode tok/s measured in this same run. All plans' engines are loaded at once and
+timed side by side, one engine step each in turn, in `--repeats` rounds: a figure is the median
+of its rounds, a "vs dense" ratio the median of the rounds' paired ratios. Writes a markdown
+table, JSON and a PNG plot of quality against speed with the Pareto front. "GEMM
 weights" is the plan's share of the dense model's projection and LM-head weights: a decode step
 reads each of them once, so a decode that only read weights would speed up by its inverse.
 """
@@ -51,28 +52,51 @@ def add_batch(llm: LLM, prompts: list[list[int]], decode_tokens: int, tag: str) 
 
 
 def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one timed run of the whole batch, after a warm-up run of the
-    same shapes. Both phases are timed directly from the engine's steps: prefill is the prompt
-    tokens over the time until every sequence holds its first token, decode the tokens generated
-    after that over the time to the end. Needs prefix caching off, so the timed run recomputes its
-    prompts."""
-    engine = llm.engine
-    if engine.config.cache.enable_prefix_caching:
-        raise ValueError("speed() needs an engine without prefix caching")
-    if engine.has_unfinished_requests():          # the warm-up would run them to the end
-        raise ValueError("speed() needs an idle engine")
-    llm.generate(prompts, batch_params(decode_tokens))                                   # warm-up
-    seqs = add_batch(llm, prompts, decode_tokens, "speed")
-    start = time.perf_counter()
-    while any(seq.num_output_tokens == 0 for seq in seqs):
-        engine.step()
-    first_tokens = time.perf_counter()
-    generated_before = sum(seq.num_output_tokens for seq in seqs)
-    while engine.has_unfinished_requests():
-        engine.step()
-    decode_s = time.perf_counter() - first_tokens
-    decoded = sum(seq.num_output_tokens for seq in seqs) - generated_before
-    return sum(map(len, prompts)) / (first_tokens - start), decoded / decode_s
+    """(prefill tok/s, decode tok/s) of one timed run of the whole batch on one engine; see
+    `lockstep_speed`."""
+    return lockstep_speed([llm], [prompts], decode_tokens)[0]
+
+
+def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_tokens: int,
+                   first: int = 0) -> list[tuple[float, float]]:
+    """[(prefill tok/s, decode tok/s)] of each engine running its batch `prompts[i]`, after a
+    warm-up run of the same shapes. The engines run side by side, one step each in turn (engine
+    `first` opens the first turn, and each turn starts one engine later), so a slow spell of the
+    machine lands on every engine's steps alike instead of on whichever ran while it lasted.
+    Both phases are timed from each engine's own steps: prefill is the prompt tokens over the
+    time of the steps until every sequence holds its first token, decode the tokens generated
+    after that over the time of the remaining steps. Needs idle engines without prefix caching,
+    so that the timed run recomputes its prompts."""
+    for llm in llms:
+        if llm.engine.config.cache.enable_prefix_caching:
+            raise ValueError("timing needs an engine without prefix caching")
+        if llm.engine.has_unfinished_requests():        # the warm-up would run them to the end
+            raise ValueError("timing needs an idle engine")
+    for llm, batch in zip(llms, prompts):
+        llm.generate(batch, batch_params(decode_tokens))                                 # warm-up
+    seqs = [add_batch(llm, batch, decode_tokens, "speed") for llm, batch in zip(llms, prompts)]
+    n = len(llms)
+    prefill_s, decode_s = [0.0] * n, [0.0] * n
+    generated_before: list[int | None] = [None] * n     # tokens out when the prefill phase ended
+    turn = first
+    while any(llm.engine.has_unfinished_requests() for llm in llms):
+        for i in [(turn + k) % n for k in range(n)]:
+            engine = llms[i].engine
+            if not engine.has_unfinished_requests():
+                continue
+            start = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - start
+            if generated_before[i] is not None:
+                decode_s[i] += elapsed
+                continue
+            prefill_s[i] += elapsed
+            if all(seq.num_output_tokens > 0 for seq in seqs[i]):
+                generated_before[i] = sum(seq.num_output_tokens for seq in seqs[i])
+        turn += 1
+    return [(sum(map(len, batch)) / prefill_s[i],
+             (sum(seq.num_output_tokens for seq in seqs[i]) - generated_before[i]) / decode_s[i])
+            for i, batch in enumerate(prompts)]
 
 
 def speed_batch_prompts(text: str, batch: int, window: int):
@@ -101,9 +125,17 @@ def labelled(paths: list[Path]) -> list[tuple[str, str]]:
     return [(p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}/{p.stem}", str(p)) for p in paths]
 
 
-def engine_for(model: str, plan: str | None, args) -> LLM:
-    return LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, cache=CacheConfig(enable_prefix_caching=False),
-                            scheduler=SchedulerConfig(max_model_len=args.window + args.max_tokens + 64,
+def engine_for(model: str, plan: str | None, args, timing: bool = False) -> LLM:
+    """An engine without prefix caching. `timing`: its KV cache holds just the speed batch
+    (`args.speed_batch` sequences of max_model_len), so that every plan's engine fits in memory at
+    once for `interleaved_speed`."""
+    max_model_len = args.window + args.max_tokens + 64
+    cache = CacheConfig(enable_prefix_caching=False)
+    if timing:
+        cache = CacheConfig(enable_prefix_caching=False,
+                            num_blocks=args.speed_batch * -(-max_model_len // cache.block_size))
+    return LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, cache=cache,
+                            scheduler=SchedulerConfig(max_model_len=max_model_len,
                                                       max_num_batched_tokens=args.window * 4)))
 
 
@@ -139,28 +171,32 @@ def evaluate(model: str, plan: str | None, held_out, instructions, args) -> dict
 def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_prompts, args) -> dict[str, dict]:
     """{label: {"prefill_tok_s", "decode_tok_s", "single_decode_tok_s": medians of `args.repeats`
     rounds, and "prefill_rounds", "decode_rounds", "single_decode_rounds": every round's figure,
-    in round order}}. The batch figures time the whole speed batch; the single-sequence decode
-    runs the first `args.single_prompt` tokens of its first prompt alone for
-    `args.single_decode_tokens` steps (one sequence, as llama.cpp's token-generation benchmark).
-    Every round loads and times every plan once, starting one plan later than the round before,
-    so that slow spells of the machine spread over all plans instead of landing on whichever ran
-    first."""
+    in round order}}. Every plan's engine is loaded once, and each round times them all side by
+    side (`lockstep_speed`), the first turn of round r going to plan r: the speed batch, then the
+    first `args.single_prompt` tokens of its first prompt alone for `args.single_decode_tokens`
+    steps (one sequence, as llama.cpp's token-generation benchmark). A round's figures of two
+    plans come from the same stretch of time, so their ratio is a paired measurement."""
     keys = ("prefill", "decode", "single_decode")
+    llms = [engine_for(model, plan, args, timing=True) for _, plan in plans]
+    batches = [speed_prompts(llm.tokenizer) for llm in llms]
+    singles = [[batch[0][:args.single_prompt]] for batch in batches]
     samples = {label: {k: [] for k in keys} for label, _ in plans}
     for r in range(args.repeats):
-        for label, plan in plans[r % len(plans):] + plans[:r % len(plans)]:
-            llm = engine_for(model, plan, args)
-            prompts = speed_prompts(llm.tokenizer)
-            prefill, decode = speed(llm, prompts, args.decode_tokens)
-            _, single = speed(llm, [prompts[0][:args.single_prompt]], args.single_decode_tokens)
+        first = r % len(plans)
+        batch_rates = lockstep_speed(llms, batches, args.decode_tokens, first)
+        single_rates = lockstep_speed(llms, singles, args.single_decode_tokens, first)
+        for (label, _), (prefill, decode), (_, single) in zip(plans, batch_rates, single_rates):
             for key, value in zip(keys, (prefill, decode, single)):
                 samples[label][key].append(value)
-            del llm
-            gc.collect()
             print(f"  round {r + 1}/{args.repeats} {label}: prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s, "
                   f"single-sequence decode {single:.1f} tok/s", flush=True)
     return {label: {**{f"{k}_tok_s": statistics.median(v) for k, v in runs.items()},
                     **{f"{k}_rounds": v for k, v in runs.items()}} for label, runs in samples.items()}
+
+
+def paired_ratio(rounds: list[float], dense_rounds: list[float]) -> float:
+    """Median over rounds of a plan's figure over dense's figure of the same round."""
+    return statistics.median(a / b for a, b in zip(rounds, dense_rounds, strict=True))
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -210,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single-prompt", type=int, default=64, help="prompt tokens of the single-sequence decode")
     ap.add_argument("--single-decode-tokens", type=int, default=64, help="decode steps of the single-sequence decode")
     ap.add_argument("--repeats", type=positive_int, default=3,
-                    help="timing rounds over all plans; each plan's median is reported")
+                    help="timing rounds over all plans; each figure is the median of its rounds")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
     args = ap.parse_args(argv)
     if not 2 <= args.window <= args.eval_tokens:
@@ -266,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         p["agreement"] = sum(prefix_agreement(list(map(str, a)), list(map(str, b)))
                              for a, b in zip(reference, p["greedy"])) / len(instructions)
-        for key in ("perplexity", "gemm_weights", "prefill_tok_s", "decode_tok_s", "single_decode_tok_s"):
+        for key in ("perplexity", "gemm_weights"):
             p[f"{key}_vs_dense"] = p[key] / dense[key]
+        for key in ("prefill", "decode", "single_decode"):
+            p[f"{key}_tok_s_vs_dense"] = paired_ratio(p[f"{key}_rounds"], dense[f"{key}_rounds"])
         del p["greedy"]
     rows = [f"| plan | healing steps | perplexity | vs dense | agreement | GEMM weights | prefill tok/s | vs dense | "
             f"batch-{args.speed_batch} decode tok/s ({args.speed_window}-token prompts) | vs dense | 1-sequence decode tok/s | vs dense |", "|---|---|" + "---:|" * 10]

@@ -149,39 +149,95 @@ def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_a
         cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--plans", "width-0.99"])
 
 
-def test_interleaved_speed_rotates_the_plans_and_keeps_every_round(monkeypatch):
+def test_lockstep_speed_steps_the_engines_in_turns_and_times_each_ones_own_steps(tiny_model_dir, monkeypatch):
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.llm import LLM
+    import bench.width_sweep as sweep
+
+    def make():
+        return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
+                                cache=CacheConfig(num_blocks=64, enable_prefix_caching=False),
+                                scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=16)))
+
+    # Engine "a" takes one second a step and "b" three, on a clock that only steps advance.
+    clock, order, timed = {"now": 0.0}, [], {"on": False}
+    llms = [make(), make()]
+    for name, llm, cost in (("a", llms[0], 1.0), ("b", llms[1], 3.0)):
+        real_step = llm.engine.step
+
+        def step(name=name, cost=cost, real_step=real_step):
+            clock["now"] += cost
+            if timed["on"]:
+                order.append(name)
+            return real_step()
+
+        monkeypatch.setattr(llm.engine, "step", step)
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: clock["now"])
+    real_add = sweep.add_batch
+
+    def add_batch(*a, **k):
+        timed["on"] = True          # the warm-ups are done
+        return real_add(*a, **k)
+
+    monkeypatch.setattr(sweep, "add_batch", add_batch)
+    long = [list(range(3, 13)), list(range(20, 30)), list(range(40, 50))]      # 30 tokens, 2 prefill steps
+    short = [list(range(3, 9))]                                                # 6 tokens, 1 prefill step
+    (a_prefill, a_decode), (b_prefill, b_decode) = sweep.lockstep_speed(llms, [long, short], 4, first=1)
+    # "a": two chunked prefill steps give every sequence its first token; decodes ride along in
+    # step 2 (sequence 0's second token), so 11 tokens are left for 4 decode steps. "b": one
+    # prefill step, then 4 decode steps of one token each.
+    assert (a_prefill, a_decode) == (30 / 2, 11 / 4)
+    assert (b_prefill, b_decode) == (6 / 3, 4 / 12)
+    # Turn k starts at engine (1 + k) % 2; an engine with nothing left gives up its turn.
+    assert order == ["b", "a", "a", "b", "b", "a", "a", "b", "b", "a", "a"]
+    assert not any(llm.engine.has_unfinished_requests() for llm in llms)
+    with pytest.raises(ValueError, match="prefix caching"):
+        sweep.lockstep_speed([llms[0], LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
+                                                         cache=CacheConfig(num_blocks=64)))], [long, long], 4)
+
+
+def test_interleaved_speed_loads_every_plan_once_and_pairs_the_rounds(monkeypatch):
     import argparse
 
     from bench import width_sweep as sweep
 
-    order = []
+    loaded, calls = [], []
 
     class FakeLLM:
         tokenizer = None
 
-    monkeypatch.setattr(sweep, "engine_for", lambda model, plan, args: FakeLLM())
+    def fake_engine_for(model, plan, args, timing=False):
+        assert timing
+        loaded.append(plan)
+        return FakeLLM()
 
-    def fake_speed(llm, prompts, decode_tokens):
-        # Each plan runs the batch (3 prompts, 2 decode steps) and then its first prompt's first
-        # 4 tokens alone (5 steps). Figures come from the index of the plan load (1-9): batch decode
-        # is 10 x it, single-sequence decode 1 x it.
+    monkeypatch.setattr(sweep, "engine_for", fake_engine_for)
+
+    def fake_lockstep(llms, prompts, decode_tokens, first):
+        # Round r (counted from 1) rates plan i's batch at prefill 100 r + i and decode 10 r + i,
+        # and its single sequence at r + i.
+        calls.append((len(llms), decode_tokens, first))
+        r = (len(calls) + 1) // 2
         if decode_tokens == 2:
-            assert len(prompts) == 3
-            order.append(len(order) + 1)
-            return 100.0 + order[-1], 10.0 * order[-1]
-        assert decode_tokens == 5 and prompts == [[0, 1, 2, 3]]
-        return 0.0, 1.0 * order[-1]
+            assert prompts == [[list(range(8))] * 3] * 3
+            return [(100.0 * r + i, 10.0 * r + i) for i in range(3)]
+        assert decode_tokens == 5 and prompts == [[[0, 1, 2, 3]]] * 3
+        return [(0.0, 1.0 * r + i) for i in range(3)]
 
-    monkeypatch.setattr(sweep, "speed", fake_speed)
+    monkeypatch.setattr(sweep, "lockstep_speed", fake_lockstep)
     plans = [("dense", None), ("a", "a.json"), ("b", "b.json")]
     args = argparse.Namespace(repeats=3, decode_tokens=2, single_prompt=4, single_decode_tokens=5)
     result = sweep.interleaved_speed("m", plans, lambda tok: [list(range(8))] * 3, args)
-    # Round r starts at plan r: loads 1-3 are dense, a, b; 4-6 a, b, dense; 7-9 b, dense, a.
-    assert result["dense"]["decode_rounds"] == [10.0, 60.0, 80.0]
-    assert result["dense"]["single_decode_rounds"] == [1.0, 6.0, 8.0]
-    assert result["a"]["prefill_rounds"] == [102.0, 104.0, 109.0]
-    assert result["b"]["decode_tok_s"] == 50.0 and result["b"]["prefill_tok_s"] == 105.0
-    assert result["b"]["single_decode_tok_s"] == 5.0
+    assert loaded == [None, "a.json", "b.json"]
+    assert calls == [(3, 2, 0), (3, 5, 0), (3, 2, 1), (3, 5, 1), (3, 2, 2), (3, 5, 2)]
+    assert result["dense"]["decode_rounds"] == [10.0, 20.0, 30.0]
+    assert result["a"]["prefill_rounds"] == [101.0, 201.0, 301.0]
+    assert result["b"]["single_decode_rounds"] == [3.0, 4.0, 5.0]
+    assert result["b"]["decode_tok_s"] == 22.0 and result["b"]["prefill_tok_s"] == 202.0
+    # Paired: the median of the per-round ratios, not the ratio of the medians.
+    assert sweep.paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0]) == 2.0
+    with pytest.raises(ValueError):
+        sweep.paired_ratio([1.0], [1.0, 2.0])
 
 
 def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tmp_path, capsys):
