@@ -15,7 +15,6 @@ reads each of them once, so a decode that only read weights would speed up by it
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
