@@ -50,12 +50,6 @@ def add_batch(llm: LLM, prompts: list[list[int]], decode_tokens: int, tag: str) 
     return [seq for req in engine.requests.values() for seq in req.seqs]
 
 
-def speed(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one timed run of the whole batch on one engine; see
-    `lockstep_speed`."""
-    return lockstep_speed([llm], [prompts], decode_tokens)[0]
-
-
 def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_tokens: int,
                    first: int = 0) -> list[tuple[float, float]]:
     """[(prefill tok/s, decode tok/s)] of each engine running its batch `prompts[i]`, after a
@@ -129,11 +123,9 @@ def engine_for(model: str, plan: str | None, args, timing: bool = False) -> LLM:
     (`args.speed_batch` sequences of max_model_len), so that every plan's engine fits in memory at
     once for `interleaved_speed`."""
     max_model_len = args.window + args.max_tokens + 64
-    cache = CacheConfig(enable_prefix_caching=False)
-    if timing:
-        cache = CacheConfig(enable_prefix_caching=False,
-                            num_blocks=args.speed_batch * -(-max_model_len // cache.block_size))
-    return LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype, cache=cache,
+    num_blocks = args.speed_batch * -(-max_model_len // CacheConfig.block_size) if timing else None
+    return LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype,
+                            cache=CacheConfig(enable_prefix_caching=False, num_blocks=num_blocks),
                             scheduler=SchedulerConfig(max_model_len=max_model_len,
                                                       max_num_batched_tokens=args.window * 4)))
 

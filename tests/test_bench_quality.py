@@ -67,7 +67,7 @@ def test_parse_sweep():
             parse_sweep(bad, "http://base")
 
 
-def test_width_sweep_speed_times_prefill_and_decode_steps_directly(tiny_model_dir, monkeypatch):
+def test_lockstep_speed_of_one_engine_times_prefill_and_decode_steps_directly(tiny_model_dir, monkeypatch):
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.llm import LLM
     import bench.width_sweep as sweep
@@ -89,14 +89,14 @@ def test_width_sweep_speed_times_prefill_and_decode_steps_directly(tiny_model_di
     monkeypatch.setattr(llm.engine, "step", step)
     monkeypatch.setattr(sweep.time, "perf_counter", lambda: clock["now"])
     prompts = [list(range(3, 13)), list(range(20, 30)), list(range(40, 50))]   # 30 tokens, 16 per step
-    prefill, decode = sweep.speed(llm, prompts, decode_tokens=4)
+    ((prefill, decode),) = sweep.lockstep_speed([llm], [prompts], decode_tokens=4)
     # Two chunked prefill steps give every sequence its first token; decodes ride along in step 2
     # (sequence 0's second token), so the decode phase has 11 tokens left in 4 steps.
     assert prefill == 30 / 2
     assert decode == 11 / 4
     assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="prefix caching"):
-        sweep.speed(make(prefix_caching=True), prompts, decode_tokens=4)
+        sweep.lockstep_speed([make(prefix_caching=True)], [prompts], decode_tokens=4)
 
 
 def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_dir):

@@ -409,7 +409,6 @@ def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_mode
         calibrate(str(tiny_model_dir), tmp_path / "text.txt", compensation="magic")
 
 
-
 def test_group_head_unit_drops_whole_kv_groups_by_summed_scores():
     from engine.pruning.calibrate import _global_keep_groups
 
