@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.client import ENDPOINT_PATHS, GenerationRequest, ServerError, ServerTarget, build_payload, post_json
+from trident.bench.client import ENDPOINT_PATHS, GenerationRequest, ServerError, ServerTarget, build_payload, post_json
 
 REFERENCE_VERSION = 1
 

@@ -3,7 +3,7 @@ available, under the same load in one run; throughput and latency with ratios to
 and perplexity on a short WikiText slice next to them.
 
 Example:
-    python -m bench.compare --model smollm2-135m-instruct --profiles dense,balanced,aggressive \
+    python -m trident.bench.compare --model smollm2-135m-instruct --profiles dense,balanced,aggressive \
         --num-prompts 16 --max-concurrency 4 --max-tokens 64
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import httpx
 
-from bench import datasets
-from bench.client import ServerTarget, resolve_model, transport_error_text
-from bench.launch import free_port, launched_server, llama_cpp_command, trident_command
-from bench.metrics import BenchmarkSummary, summarize
-from bench.perplexity import Windows, build_windows, perplexity
-from bench.runner import run_load
-from bench.serve import add_dataset_args, add_load_args, build_samples, load_config_from_args, recorded_command
+from trident.bench import datasets
+from trident.bench.client import ServerTarget, resolve_model, transport_error_text
+from trident.bench.launch import free_port, launched_server, llama_cpp_command, trident_command
+from trident.bench.metrics import BenchmarkSummary, summarize
+from trident.bench.perplexity import Windows, build_windows, perplexity
+from trident.bench.runner import run_load
+from trident.bench.serve import add_dataset_args, add_load_args, build_samples, load_config_from_args, recorded_command
 
 BASELINE = "trident dense"
 
@@ -58,7 +58,7 @@ def llama_cpp_gguf(args: argparse.Namespace) -> str | None:
     """The GGUF llama.cpp should serve: --gguf, or Trident's --model when it resolves to a GGUF."""
     if args.gguf or not args.model:
         return args.gguf
-    from engine.loader import resolve_model_path   # the same alias table `trident serve` uses
+    from trident.engine.loader import resolve_model_path   # the same alias table `trident serve` uses
 
     try:
         path = resolve_model_path(args.model)

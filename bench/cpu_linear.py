@@ -1,7 +1,7 @@
 """F.linear against the weight-major form kernels.linear uses for small batches, on this CPU.
 
-    python -m bench.cpu_linear [--dtype float32] [--rows 1,8,64,1024] [--json FILE]
-    python -m bench.cpu_linear --engine [--plans width-0.20] [--rounds 3]
+    python -m trident.bench.cpu_linear [--dtype float32] [--rows 1,8,64,1024] [--json FILE]
+    python -m trident.bench.cpu_linear --engine [--plans width-0.20] [--rounds 3]
 
 For each projection of the model (SmolLM2-135M's shapes by default) and each row count: the median
 time per call of F.linear(x, W) and of (W @ x^T)^T made contiguous (one row padded to two, as
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.offline import machine_info
-from kernels.linear import weight_major_linear
+from trident.bench.offline import machine_info
+from trident.kernels.linear import weight_major_linear
 
 COLD_BYTES = 256 << 20        # weight copies per timing: well past any L3
 MAX_COPIES = 1024             # tiny shapes (tests) need no more
@@ -56,14 +56,14 @@ def time_form(form, x: torch.Tensor, weights: list[torch.Tensor], repeats: int) 
 
 def engine_ab(args) -> list[dict]:
     """Median decode-step ms with kernels.linear's dispatch off and on, per plan, interleaved."""
-    import kernels.linear
-    from bench.decode_breakdown import decode_steps
-    from bench.width_sweep import DATA_DIR, batch_params, engine_for, plan_runs, speed_batch_prompts
-    from engine.pruning.profiles import profile_dir
+    from trident.kernels import linear as kernel_linear
+    from trident.bench.decode_breakdown import decode_steps
+    from trident.bench.width_sweep import DATA_DIR, batch_params, engine_for, plan_runs, speed_batch_prompts
+    from trident.engine.pruning.profiles import profile_dir
 
     runs = plan_runs(args.plans, profile_dir(args.model), args.model)
     prompts_for = speed_batch_prompts((DATA_DIR / "wikitext2-valid.txt").read_text(), args.speed_batch, args.window)
-    settings = {"off": 0, "on": kernels.linear.SMALL_BATCH_ROWS}
+    settings = {"off": 0, "on": kernel_linear.SMALL_BATCH_ROWS}
     steps = {(label, s): [] for label, _ in runs for s in settings}
     for r in range(args.rounds):
         for label, plan in runs:
@@ -73,10 +73,10 @@ def engine_ab(args) -> list[dict]:
             order = list(settings) if r % 2 == 0 else list(settings)[::-1]
             try:
                 for setting in order:
-                    kernels.linear.SMALL_BATCH_ROWS = settings[setting]
+                    kernel_linear.SMALL_BATCH_ROWS = settings[setting]
                     steps[label, setting] += decode_steps(llm, prompts, args.decode_tokens, profiled=False)
             finally:
-                kernels.linear.SMALL_BATCH_ROWS = settings["on"]
+                kernel_linear.SMALL_BATCH_ROWS = settings["on"]
             del llm
             gc.collect()
     results = []
@@ -89,7 +89,7 @@ def engine_ab(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.cpu_linear", description=__doc__,
+    ap = argparse.ArgumentParser(prog="trident.bench.cpu_linear", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rows", default="1,4,8,16,32,64,128,256,1024")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-batch", type=int, default=8, help="--engine: sequences decoded together")
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args(argv)
-    command = "python -m bench.cpu_linear " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m trident.bench.cpu_linear " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.engine:
         if args.dtype != "float32":
             ap.error("--engine runs float32, where the dispatch applies")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.client import ServerTokenizer
+from trident.bench.client import ServerTokenizer
 
 ALPACA_FILE = "alpaca-seed-tasks.jsonl"
 WIKITEXT_FILE = "wikitext2-valid.txt"
@@ -43,8 +43,8 @@ class AlpacaTask:
 
 
 def default_data_dir() -> Path:
-    """The `shared/data` folder beside the repository root."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    """The data shipped with Trident (`bench/data/`, package data of `trident.bench`)."""
+    return Path(__file__).resolve().parent / "data"
 
 
 def require_data_file(data_dir: str | Path, name: str) -> Path:

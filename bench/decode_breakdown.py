@@ -1,6 +1,6 @@
 """Where a batched decode step's time goes, dense against width plans, by kind of work.
 
-    python -m bench.decode_breakdown [--plans width-0.25,width-0.50] [--dtype float32]
+    python -m trident.bench.decode_breakdown [--plans width-0.25,width-0.50] [--dtype float32]
 
 Runs the width sweep's speed batch (8 prompts of 512 tokens from the middle of WikiText-2), and
 profiles (torch.profiler, CPU self time) every decode step after the whole batch holds its first
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.datasets import WIKITEXT_FILE, positive_int, require_data_file, require_writable
-from bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for, plan_runs, speed_batch_prompts
-from engine.llm import LLM
-from engine.pruning.profiles import profile_dir
+from trident.bench.datasets import WIKITEXT_FILE, positive_int, require_data_file, require_writable
+from trident.bench.width_sweep import DATA_DIR, add_batch, batch_params, engine_for, plan_runs, speed_batch_prompts
+from trident.engine.llm import LLM
+from trident.engine.pruning.profiles import profile_dir
 
 GROUPS = ("layer matmuls", "LM head", "KV gather", "attention", "KV write", "other")
 
@@ -82,7 +82,7 @@ def breakdown(model: str, plan: str | None, prompts_for, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.decode_breakdown", description=__doc__,
+    ap = argparse.ArgumentParser(prog="trident.bench.decode_breakdown", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--plans", default="width-0.25,width-0.50", help="comma-separated plan names or paths")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append("| wall, no profiler (median) | " + " | ".join(f"{results[l]['step_ms']:.1f}" for l in labels) + " |")
     print("\n".join(rows))
     if args.json:                              # its folder was made by require_writable
-        args.json.write_text(json.dumps({"command": "python -m bench.decode_breakdown " + " ".join(argv or sys.argv[1:]),
+        args.json.write_text(json.dumps({"command": "python -m trident.bench.decode_breakdown " + " ".join(argv or sys.argv[1:]),
                                          "dtype": args.dtype, "batch": args.speed_batch, "context": args.window,
                                          "results": results}, indent=1))
     return 0

@@ -1,7 +1,7 @@
 """Kernel benchmarks on CUDA: each Triton op against the device's measured peak and a torch baseline.
 
-    python -m bench.kernels                      # every op, full sweeps
-    python -m bench.kernels --ops prefill,decode --quick
+    python -m trident.bench.kernels                      # every op, full sweeps
+    python -m trident.bench.kernels --ops prefill,decode --quick
 
 Per configuration: median and p20-p80 spread of the time (triton.testing.do_bench), achieved
 TFLOP/s (attention, dense-equivalent for pruned runs) or GB/s (decode, exit classifier, fused
@@ -107,7 +107,7 @@ class Recorder:
 def paged_problem(p: Problem, seq_lens: list[int], new_counts: list[int], num_q_heads: int,
                   num_kv_heads: int, head_dim: int, block_size: int = 16):
     """Caches whose sequences sit in consecutive blocks (so they also view as contiguous [S, L])."""
-    from kernels.attention import AttentionMetadata
+    from trident.kernels.attention import AttentionMetadata
 
     tables, next_block = [], 0
     for n in seq_lens:
@@ -124,7 +124,7 @@ def paged_problem(p: Problem, seq_lens: list[int], new_counts: list[int], num_q_
 def keep_tokens(meta, fraction: float, prefill: bool):
     """Metadata where each sequence keeps a random `fraction` of its keys (original positions);
     in prefill the dropped tokens are dropped as queries too, as in the deeper layers."""
-    from kernels.attention import AttentionMetadata
+    from trident.kernels.attention import AttentionMetadata
 
     gen, device = torch.Generator().manual_seed(0), meta.key_slots.device
     slots, positions = meta.key_slots.cpu(), meta.key_positions.cpu()
@@ -149,7 +149,7 @@ def kept_heads(num_q_heads: int, fraction: float, device: str, group_size: int =
 
 
 def bench_prefill(rec: Recorder, p: Problem, quick: bool) -> None:
-    from kernels.prefill_attention import prefill_attention
+    from trident.kernels.prefill_attention import prefill_attention
 
     tokens = p.prefill_tokens
     for head_dim, num_q_heads, num_kv_heads in p.prefill_heads:
@@ -177,7 +177,7 @@ def bench_prefill(rec: Recorder, p: Problem, quick: bool) -> None:
 
 
 def bench_decode(rec: Recorder, p: Problem, quick: bool) -> None:
-    from kernels.decode_attention import decode_attention
+    from trident.kernels.decode_attention import decode_attention
 
     head_dim, num_q_heads, num_kv_heads = p.decode_heads
     group, scale = num_q_heads // num_kv_heads, head_dim ** -0.5
@@ -219,7 +219,7 @@ def exit_baseline(hidden, norm_weight, lm_head):
 
 
 def bench_exit(rec: Recorder, p: Problem, quick: bool) -> None:
-    from kernels.exit_classifier import exit_classifier
+    from trident.kernels.exit_classifier import exit_classifier
 
     hidden_size, vocab = p.exit_hidden, p.exit_vocab
     lm_head = torch.randn(vocab, hidden_size, device=p.device, dtype=p.dtype) * hidden_size ** -0.5
@@ -238,9 +238,9 @@ def bench_exit(rec: Recorder, p: Problem, quick: bool) -> None:
 
 
 def bench_fused(rec: Recorder, p: Problem, quick: bool) -> None:
-    from kernels.fused_norm import add_rms_norm, add_rms_norm_ref
-    from kernels.rope import rope_cos_sin, rope_write_kv, rope_write_kv_ref
-    from kernels.swiglu import swiglu, swiglu_ref
+    from trident.kernels.fused_norm import add_rms_norm, add_rms_norm_ref
+    from trident.kernels.rope import rope_cos_sin, rope_write_kv, rope_write_kv_ref
+    from trident.kernels.swiglu import swiglu, swiglu_ref
 
     hidden, ffn, heads, kv_heads, head_dim = p.fused_sizes
     new = dict(device=p.device, dtype=p.dtype)

@@ -25,9 +25,9 @@ def free_port() -> int:
 
 
 def trident_command(model: str, port: int, plan: str | None = None, extra_args: list[str] = ()) -> list[str]:
-    """`trident serve` (as `python -m server serve`) on 127.0.0.1:port; plan None or "dense" is the
+    """`trident serve` (as `python -m trident.server serve`) on 127.0.0.1:port; plan None or "dense" is the
     server's default, so no --plan flag is passed for it."""
-    command = [sys.executable, "-m", "server", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "trident.server", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
     if plan and plan != "dense":
         command += ["--plan", plan]
     return command + list(extra_args)

@@ -1,7 +1,7 @@
 """Offline throughput: Trident against HF transformers (and llama.cpp if installed) on the same
 weights and dtype, in one run.
 
-    python -m bench.offline [--model smollm2-135m-instruct] [--dtype float32|bfloat16] [--json out.json]
+    python -m trident.bench.offline [--model smollm2-135m-instruct] [--dtype float32|bfloat16] [--json out.json]
 
 Figures: batch-1 decode tok/s, aggregate decode tok/s with 16 concurrent requests, prefill tok/s on
 a 1024-token prompt, time to ready; plus achieved GB/s of weight reads at batch 1 against a
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from bench.datasets import WIKITEXT_FILE, default_data_dir, require_data_file, require_writable
-from engine.config import EngineConfig, SchedulerConfig
-from engine.llm import LLM
-from engine.loader import resolve_model_path
-from engine.sampling_params import SamplingParams
+from trident.bench.datasets import WIKITEXT_FILE, default_data_dir, require_data_file, require_writable
+from trident.engine.config import EngineConfig, SchedulerConfig
+from trident.engine.llm import LLM
+from trident.engine.loader import resolve_model_path
+from trident.engine.sampling_params import SamplingParams
 
 DEFAULT_DATA = default_data_dir()
 
@@ -46,7 +46,7 @@ def matmul_floor_s(model, batch: int, repeats: int = 5) -> float:
     else: the ceiling any engine on these weights reaches (no attention, norms or overhead). Each
     matrix counts with the faster of two GEMM forms, F.linear or the weight-major one (what
     kernels.linear picks from for float32 CPU batches), its best time over `repeats` passes."""
-    from kernels.linear import weight_major_linear
+    from trident.kernels.linear import weight_major_linear
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     x = torch.randn(batch, max(w.shape[1] for w in weights), dtype=weights[0].dtype)
@@ -72,7 +72,7 @@ def cpu_model() -> str:
 
 def machine_info() -> dict:
     """What a CPU figure depends on: the CPU, its bf16 matrix support, the threads torch uses."""
-    from engine.config import cpu_has_bf16_matmul
+    from trident.engine.config import cpu_has_bf16_matmul
     return {"cpu": cpu_model(), "bf16_matmul": cpu_has_bf16_matmul(), "threads": torch.get_num_threads()}
 
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, res in results.items():
         res["weight_read_gb_s_b1"] = weight_bytes * res["decode_b1_tok_s"] / 1e9 if name != "llama.cpp" else None
     report = {
-        "command": "python -m bench.offline " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m trident.bench.offline " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "batch": args.batch, "prefill_len": args.prefill_len,
         "machine": machine_info(), "torch": torch.__version__,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from bench.client import ServerError, ServerTarget, ServerTokenizer, post_json
-from bench.datasets import TOKENS_PER_WORD
+from trident.bench.client import ServerError, ServerTarget, ServerTokenizer, post_json
+from trident.bench.datasets import TOKENS_PER_WORD
 
 CHARS_PER_TOKEN = 5            # first guess of how much text to tokenize for the windows asked for
 

@@ -3,10 +3,10 @@ quality-versus-speed sweeps over pruning settings.
 
 Examples:
     # dense reference, then a pruned run compared with it
-    python -m bench.quality --base-url http://127.0.0.1:8000 --reference dense.json --save-reference
-    python -m bench.quality --base-url http://127.0.0.1:8001 --reference dense.json
+    python -m trident.bench.quality --base-url http://127.0.0.1:8000 --reference dense.json --save-reference
+    python -m trident.bench.quality --base-url http://127.0.0.1:8001 --reference dense.json
     # one server, per-request profiles; or one server per plan (label=URL)
-    python -m bench.quality --sweep dense='{"pruning": "dense"}' balanced='{"pruning": "balanced"}' \
+    python -m trident.bench.quality --sweep dense='{"pruning": "dense"}' balanced='{"pruning": "balanced"}' \
         --output-dir sweep/
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench import datasets
-from bench.agreement import AgreementResult, compare_outputs, greedy_outputs, load_reference, save_reference
-from bench.client import ENDPOINT_PATHS, ServerError, ServerTarget, resolve_model, transport_error_text
-from bench.metrics import summarize
-from bench.pareto import SweepPoint, markdown_table, plot_sweep
-from bench.perplexity import PerplexityResult, Windows, build_windows, perplexity
-from bench.runner import LoadConfig, run_load
-from bench.serve import add_target_args, parse_json_object, recorded_command
+from trident.bench import datasets
+from trident.bench.agreement import AgreementResult, compare_outputs, greedy_outputs, load_reference, save_reference
+from trident.bench.client import ENDPOINT_PATHS, ServerError, ServerTarget, resolve_model, transport_error_text
+from trident.bench.metrics import summarize
+from trident.bench.pareto import SweepPoint, markdown_table, plot_sweep
+from trident.bench.perplexity import PerplexityResult, Windows, build_windows, perplexity
+from trident.bench.runner import LoadConfig, run_load
+from trident.bench.serve import add_target_args, parse_json_object, recorded_command
 
 HTTP_TIMEOUT = httpx.Timeout(3600.0, connect=30.0)
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run single-server quality or a sweep; return 0, or 1 with a message on bad input or server errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["width-sweep"]:            # in-process, no server: bench/width_sweep.py
-        from bench.width_sweep import main as width_sweep_main
+        from trident.bench.width_sweep import main as width_sweep_main
         return width_sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.save_reference and not args.reference:

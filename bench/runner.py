@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from bench.client import GenerationRequest, ServerTarget, ServerTokenizer, resolve_model, stream_request
-from bench.datasets import SampleRequest
-from bench.metrics import RequestRecord
+from trident.bench.client import GenerationRequest, ServerTarget, ServerTokenizer, resolve_model, stream_request
+from trident.bench.datasets import SampleRequest
+from trident.bench.metrics import RequestRecord
 
 
 @dataclass(frozen=True)

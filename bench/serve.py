@@ -1,7 +1,7 @@
 """`trident bench serve`: load-test any OpenAI-compatible server over HTTP (streaming SSE).
 
 Example:
-    python -m bench.serve --base-url http://127.0.0.1:8000 --dataset random \
+    python -m trident.bench.serve --base-url http://127.0.0.1:8000 --dataset random \
         --random-input-len 128 --random-output-len 64 --num-prompts 50 --request-rate 4 \
         --extra-body '{"pruning": "balanced"}' --result-file balanced.json
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench import datasets
-from bench.client import (ENDPOINT_PATHS, ServerError, ServerTarget, ServerTokenizer, resolve_model,
+from trident.bench import datasets
+from trident.bench.client import (ENDPOINT_PATHS, ServerError, ServerTarget, ServerTokenizer, resolve_model,
                           transport_error_text)
-from bench.metrics import BenchmarkSummary, LatencyStats, parse_goodput, summarize
-from bench.runner import LoadConfig, RunResult, run_load
+from trident.bench.metrics import BenchmarkSummary, LatencyStats, parse_goodput, summarize
+from trident.bench.runner import LoadConfig, RunResult, run_load
 
 DATASETS = ("alpaca", "random", "wikitext")
 

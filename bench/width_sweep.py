@@ -1,6 +1,6 @@
 """In-process width sweep: quality against measured speed for every width plan of a calibration.
 
-    python -m bench.quality width-sweep [--model smollm2-135m-instruct] [--plans-dir DIR]
+    python -m trident.bench.quality width-sweep [--model smollm2-135m-instruct] [--plans-dir DIR]
 
 For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
 end of WikiText-2 (calibration reads the start), greedy token agreement with dense on the last
@@ -21,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from bench.agreement import prefix_agreement
-from bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, default_data_dir, load_alpaca, positive_int, require_data_file,
+from trident.bench.agreement import prefix_agreement
+from trident.bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, default_data_dir, load_alpaca, positive_int, require_data_file,
                             require_writable)
-from bench.pareto import pareto_front
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.llm import LLM
-from engine.pruning.calibrate import perplexity, token_windows
-from engine.pruning.profiles import profile_dir
-from engine.sampling_params import SamplingParams
-from kernels.linear import Linear
+from trident.bench.pareto import pareto_front
+from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from trident.engine.llm import LLM
+from trident.engine.pruning.calibrate import perplexity, token_windows
+from trident.engine.pruning.profiles import profile_dir
+from trident.engine.sampling_params import SamplingParams
+from trident.kernels.linear import Linear
 
 DATA_DIR = default_data_dir()
 
@@ -218,7 +218,7 @@ def plot(points: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.quality width-sweep", description=__doc__,
+    ap = argparse.ArgumentParser(prog="trident.bench.quality width-sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     (args.output_dir / "width_sweep.md").write_text(table)
     (args.output_dir / "width_sweep.json").write_text(json.dumps(
-        {"command": "python -m bench.quality width-sweep " + " ".join(argv or []), "points": points}, indent=1))
+        {"command": "python -m trident.bench.quality width-sweep " + " ".join(argv or []), "points": points}, indent=1))
     plot(points, args.output_dir / "width_sweep.png")
     print(f"wrote {args.output_dir}/width_sweep.{{md,json,png}}")
     return 0

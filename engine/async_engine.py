@@ -11,10 +11,10 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from trident.engine.config import EngineConfig
+from trident.engine.llm_engine import LLMEngine
+from trident.engine.outputs import RequestOutput
+from trident.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import itertools
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from trident.engine.config import EngineConfig
+from trident.engine.llm_engine import LLMEngine
+from trident.engine.outputs import RequestOutput
+from trident.engine.sampling_params import SamplingParams
 
 
 class LLM:

@@ -8,20 +8,20 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.loader import load_checkpoint
-from engine.model import LlamaModel
-from engine.model_runner import ModelRunner, RunnerOutput
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
-from engine.pruning.apply import apply_plan
-from engine.pruning.profiles import resolve_plan
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from kernels.attention import decode_computes_all_heads
+from trident.engine.block_manager import BlockManager
+from trident.engine.config import EngineConfig
+from trident.engine.loader import load_checkpoint
+from trident.engine.model import LlamaModel
+from trident.engine.model_runner import ModelRunner, RunnerOutput
+from trident.engine.outputs import CompletionOutput, RequestOutput
+from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
+from trident.engine.pruning.apply import apply_plan
+from trident.engine.pruning.profiles import resolve_plan
+from trident.engine.sampling_params import SamplingParams
+from trident.engine.scheduler import Scheduler
+from trident.engine.sequence import Sequence
+from trident.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from trident.kernels.attention import decode_computes_all_heads
 
 log = logging.getLogger(__name__)
 

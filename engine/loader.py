@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
+from trident.engine.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

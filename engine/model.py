@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
-from kernels.attention import AttentionMetadata, paged_attention, write_kv
-from kernels.linear import Linear
+from trident.engine.config import ModelConfig
+from trident.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from trident.kernels.linear import Linear
 
 
 class RMSNorm(nn.Module):

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.model import LlamaModel
-from engine.outputs import TokenLogprobs
-from engine.pruning.accounting import FlopCount, FlopCounter
-from engine.sampler import sample, top_logprobs
-from engine.scheduler import SchedulerOutput
-from kernels.attention import AttentionMetadata
+from trident.engine.model import LlamaModel
+from trident.engine.outputs import TokenLogprobs
+from trident.engine.pruning.accounting import FlopCount, FlopCounter
+from trident.engine.sampler import sample, top_logprobs
+from trident.engine.scheduler import SchedulerOutput
+from trident.kernels.attention import AttentionMetadata
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.outputs import TokenLogprobs
-from engine.sequence import Sequence
+from trident.engine.outputs import TokenLogprobs
+from trident.engine.sequence import Sequence
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int | list[int]) -> list[TokenLogprobs]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.sequence import Sequence, SequenceStatus
+from trident.engine.block_manager import BlockManager
+from trident.engine.config import SchedulerConfig
+from trident.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.outputs import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from trident.engine.outputs import TokenLogprobs
+from trident.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

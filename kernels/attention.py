@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import use_triton
-from kernels.launch import step_tensor
+from trident.kernels.backend import use_triton
+from trident.kernels.launch import step_tensor
 
 
 @dataclass
@@ -166,9 +166,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return paged_attention_ref(q.index_select(1, kept_q_heads), k_cache, v_cache, meta, scale, kept_q_heads // group)
     # Imported here: the kernel modules need triton, which the plain CPU path does not.
     if meta.is_decode:
-        from kernels.decode_attention import decode_attention, decode_attention_ref
+        from trident.kernels.decode_attention import decode_attention, decode_attention_ref
         decode = decode_attention if triton_path else decode_attention_ref
         return decode(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass)
-    from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+    from trident.kernels.prefill_attention import prefill_attention, prefill_attention_ref
     prefill = prefill_attention if triton_path else prefill_attention_ref
     return prefill(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass, mass_window)

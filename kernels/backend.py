@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 
@@ -24,3 +25,25 @@ def use_triton(t: torch.Tensor) -> bool:
     if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     return triton_available()
+
+
+def _import_triton() -> tuple[types.ModuleType, types.ModuleType]:
+    """`triton` and `triton.language`, or stand-ins on an install without the `triton` extra.
+
+    The kernel files define their `@triton.jit` kernels at import time. Without triton the
+    stand-in `jit` returns the function unchanged, so those files still import and their `_ref`
+    twins run; `use_triton` is then False everywhere, so no launcher ever calls such a kernel.
+    (Kernel signatures annotate with `tl.constexpr` under `from __future__ import annotations`,
+    so the annotations are never evaluated.)"""
+    try:
+        import triton
+        import triton.language as tl
+        return triton, tl
+    except ImportError:
+        def jit(fn=None, **_options):
+            return fn if fn is not None else (lambda f: f)
+
+        return types.SimpleNamespace(jit=jit), types.SimpleNamespace()
+
+
+triton, tl = _import_triton()

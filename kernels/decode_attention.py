@@ -19,11 +19,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from kernels.attention import AttentionMetadata
-from kernels.launch import (FLOAT_DTYPES, MIN_DOT, check, check_attention_inputs, check_tensor,
+from trident.kernels.backend import tl, triton
+from trident.kernels.attention import AttentionMetadata
+from trident.kernels.launch import (FLOAT_DTYPES, MIN_DOT, check, check_attention_inputs, check_tensor,
                             dot_precision, key_lens, kept_heads, num_sms, pow2_at_least, step_tensor)
 
 LOG2E = 1.4426950408889634

@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.fused_norm import rms_norm_ref
-from kernels.launch import FLOAT_DTYPES, MIN_DOT, check, check_tensor, dot_precision, num_sms, pow2_at_least
+from trident.kernels.backend import tl, triton
+from trident.kernels.fused_norm import rms_norm_ref
+from trident.kernels.launch import FLOAT_DTYPES, MIN_DOT, check, check_tensor, dot_precision, num_sms, pow2_at_least
 
 CRITERIA = ("probe", "max_prob", "margin", "entropy")
 

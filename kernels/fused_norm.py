@@ -7,10 +7,9 @@ rounded value, so the fused and unfused models see bit-identical residuals.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.launch import FLOAT_DTYPES, check, check_tensor, pow2_at_least
+from trident.kernels.backend import tl, triton
+from trident.kernels.launch import FLOAT_DTYPES, check, check_tensor, pow2_at_least
 
 
 @triton.jit

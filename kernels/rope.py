@@ -8,11 +8,10 @@ slot_mapping[t] in the same pass, so k never makes a round trip through memory u
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.attention import write_kv
-from kernels.launch import FLOAT_DTYPES, check, check_tensor, pow2_at_least
+from trident.kernels.backend import tl, triton
+from trident.kernels.attention import write_kv
+from trident.kernels.launch import FLOAT_DTYPES, check, check_tensor, pow2_at_least
 
 
 @triton.jit

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from kernels.launch import FLOAT_DTYPES, check, check_tensor
+from trident.kernels.backend import tl, triton
+from trident.kernels.launch import FLOAT_DTYPES, check, check_tensor
 
 
 @triton.jit

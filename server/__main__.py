@@ -1,4 +1,4 @@
-"""`python -m server ...` is the `trident` command."""
-from server.cli import main
+"""`python -m trident.server ...` is the `trident` command."""
+from trident.server.cli import main
 
 raise SystemExit(main())

@@ -17,12 +17,12 @@ from fastapi.responses import Response
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.chat import ChatServer, chat_prompt_ids
-from server.completions import CompletionServer
-from server.context import ServerContext
-from server.errors import APIError, install_error_handlers
-from server.metrics import EngineCollector, RequestCounterMiddleware, ServerMetrics
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+from trident.server.chat import ChatServer, chat_prompt_ids
+from trident.server.completions import CompletionServer
+from trident.server.context import ServerContext
+from trident.server.errors import APIError, install_error_handlers
+from trident.server.metrics import EngineCollector, RequestCounterMiddleware, ServerMetrics
+from trident.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                              ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 
 logger = logging.getLogger(__name__)

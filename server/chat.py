@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from server.context import (ChoiceStream, ServerContext, random_id, respond, sampling_params_of, sse_event,
+from trident.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from trident.server.context import (ChoiceStream, ServerContext, random_id, respond, sampling_params_of, sse_event,
                             usage_of)
-from server.errors import APIError
-from server.generation import Generation
-from server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
+from trident.server.errors import APIError
+from trident.server.generation import Generation
+from trident.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
                              ChatCompletionResponse, ChatMessageOut, ChatStreamChoice, ChatTokenLogprob,
                              ChatTopLogprob, DeltaMessage)
 

@@ -1,4 +1,4 @@
-"""The `trident` command (also `python -m server`).
+"""The `trident` command (also `python -m trident.server`).
 
     trident serve --model PATH|ALIAS [options]    OpenAI-compatible server (uvicorn)
     trident calibrate --model M [--data FILE]     statistics + pruning plan profiles
@@ -13,10 +13,10 @@ import re
 import sys
 from pathlib import Path
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.pruning.plan import HEAD_UNITS
-from engine.pruning.profiles import PROFILES
-from engine.pruning.reconstruct import COMPENSATIONS
+from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from trident.engine.pruning.plan import HEAD_UNITS
+from trident.engine.pruning.profiles import PROFILES
+from trident.engine.pruning.reconstruct import COMPENSATIONS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -91,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_COMMANDS = {"serve": "load generator against a running server (bench.serve)",
-                  "quality": "perplexity, greedy agreement and quality/speed sweeps (bench.quality)",
-                  "compare": "Trident profiles and peers side by side under the same load (bench.compare)"}
-DEFAULT_CALIBRATION_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt"
+BENCH_COMMANDS = {"serve": "load generator against a running server (trident.bench.serve)",
+                  "quality": "perplexity, greedy agreement and quality/speed sweeps (trident.bench.quality)",
+                  "compare": "Trident profiles and peers side by side under the same load (trident.bench.compare)"}
+DEFAULT_CALIBRATION_DATA = Path(__file__).resolve().parents[1] / "bench" / "data" / "wikitext2-valid.txt"
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from engine.pruning.calibrate import calibrate
+    from trident.engine.pruning.calibrate import calibrate
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not Path(args.data).is_file():
@@ -154,10 +154,10 @@ def serve_command(args: argparse.Namespace) -> int:
     file that does not parse, 1 when the engine fails to start (a plan that does not fit the model)."""
     import uvicorn
 
-    from engine.async_engine import AsyncEngine
-    from engine.loader import resolve_model_path
-    from engine.pruning.plan import PruningPlan
-    from server.app import build_app
+    from trident.engine.async_engine import AsyncEngine
+    from trident.engine.loader import resolve_model_path
+    from trident.engine.pruning.plan import PruningPlan
+    from trident.server.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -192,6 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_COMMANDS:
         import importlib
-        return importlib.import_module(f"bench.{argv[1]}").main(argv[2:]) or 0
+        return importlib.import_module(f"trident.bench.{argv[1]}").main(argv[2:]) or 0
     args = build_parser().parse_args(argv)
     return args.handler(args)

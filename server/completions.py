@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from server.context import (ChoiceStream, ServerContext, random_id, respond, sampling_params_of, sse_event,
+from trident.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from trident.server.context import (ChoiceStream, ServerContext, random_id, respond, sampling_params_of, sse_event,
                             usage_of)
-from server.errors import APIError
-from server.generation import Generation
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from trident.server.errors import APIError
+from trident.server.generation import Generation
+from trident.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 
 @dataclass

@@ -12,16 +12,16 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from engine.outputs import RequestOutput
-from engine.pruning.accounting import merge_summaries
-from engine.sampling_params import SamplingParams
-from server.errors import APIError, engine_error
-from server.generation import ClientDisconnected, Generation, unless_disconnected
-from server.metrics import ServerMetrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, make_usage
+from trident.engine.outputs import RequestOutput
+from trident.engine.pruning.accounting import merge_summaries
+from trident.engine.sampling_params import SamplingParams
+from trident.server.errors import APIError, engine_error
+from trident.server.generation import ClientDisconnected, Generation, unless_disconnected
+from trident.server.metrics import ServerMetrics
+from trident.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, make_usage
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from trident.engine.async_engine import AsyncEngine
 
 SSE_DONE = "data: [DONE]\n\n"
 

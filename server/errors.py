@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from engine.async_engine import EngineDeadError, QueueFullError
-from server.protocol import ErrorInfo, ErrorResponse
+from trident.engine.async_engine import EngineDeadError, QueueFullError
+from trident.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from server.errors import engine_error
-from server.metrics import ServerMetrics
+from trident.engine.outputs import RequestOutput
+from trident.engine.sampling_params import SamplingParams
+from trident.server.errors import engine_error
+from trident.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from engine.sampling_params import SamplingParams
+from trident.engine.sampling_params import SamplingParams
 
 MAX_COMPLETION_LOGPROBS = 5    # OpenAI's bound for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20     # OpenAI's bound for chat `top_logprobs`

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from trident.bench.datasets import default_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA_DIR = ROOT.parent / "shared" / "data"
+DATA_DIR = default_data_dir()          # the data shipped inside the repository (bench/data/)
 # Keep test runs from writing into the user's cache.
 os.environ.setdefault("TRIDENT_CACHE_DIR", str(ROOT / ".cache" / "trident"))
 

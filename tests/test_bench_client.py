@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 
-from bench.client import GenerationRequest, ServerTarget, build_payload, stream_request
+from trident.bench.client import GenerationRequest, ServerTarget, build_payload, stream_request
 
 
 def _sse(*events) -> bytes:
@@ -90,8 +90,8 @@ def test_finished_stream_without_visible_text_times_the_finish_chunk():
 
 
 def test_output_tokens_without_usage_are_counted_by_the_servers_tokenizer(capsys):
-    from bench.metrics import RequestRecord
-    from bench.runner import count_missing_output_tokens
+    from trident.bench.metrics import RequestRecord
+    from trident.bench.runner import count_missing_output_tokens
 
     def tokenizing(request: httpx.Request) -> httpx.Response:       # one token per word
         body = json.loads(request.content)

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from bench.metrics import RequestRecord, parse_goodput, percentile_key, summarize
-from bench.runner import arrival_offsets
-from bench.serve import parse_percentiles, recorded_command
+from trident.bench.metrics import RequestRecord, parse_goodput, percentile_key, summarize
+from trident.bench.runner import arrival_offsets
+from trident.bench.serve import parse_percentiles, recorded_command
 
 
 def _records() -> list[RequestRecord]:

@@ -1,10 +1,10 @@
 """Quality arithmetic without a server: agreement, perplexity windows, Pareto fronts, sweep parsing."""
 import pytest
 
-from bench.agreement import GreedyOutput, compare_outputs, prefix_agreement
-from bench.pareto import SweepPoint, markdown_table, pareto_front, plot_sweep, speed_ppl_front
-from bench.perplexity import window_nll, word_windows
-from bench.quality import parse_sweep
+from trident.bench.agreement import GreedyOutput, compare_outputs, prefix_agreement
+from trident.bench.pareto import SweepPoint, markdown_table, pareto_front, plot_sweep, speed_ppl_front
+from trident.bench.perplexity import window_nll, word_windows
+from trident.bench.quality import parse_sweep
 
 
 def test_prefix_agreement():
@@ -68,9 +68,9 @@ def test_parse_sweep():
 
 
 def test_lockstep_speed_of_one_engine_times_prefill_and_decode_steps_directly(tiny_model_dir, monkeypatch):
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from engine.llm import LLM
-    import bench.width_sweep as sweep
+    from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from trident.engine.llm import LLM
+    import trident.bench.width_sweep as sweep
 
     def make(prefix_caching=False):
         return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
@@ -102,7 +102,7 @@ def test_lockstep_speed_of_one_engine_times_prefill_and_decode_steps_directly(ti
 def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_dir):
     import argparse
 
-    from bench.decode_breakdown import GROUPS, breakdown, group_of
+    from trident.bench.decode_breakdown import GROUPS, breakdown, group_of
 
     vocab = 300
     assert group_of("aten::mm", [[8, 64], [64, vocab]], vocab) == "LM head"
@@ -124,8 +124,8 @@ def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_d
 def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_and_on(tiny_model_dir, tmp_path):
     import json
 
-    import kernels.linear
-    from bench import cpu_linear
+    from trident.kernels import linear as kernel_linear
+    from trident.bench import cpu_linear
 
     out = tmp_path / "linear.json"
     assert cpu_linear.main(["--hidden", "16", "--ffn", "24", "--q-size", "16", "--kv-size", "8", "--vocab", "40",
@@ -138,21 +138,21 @@ def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_a
     with pytest.raises(SystemExit):
         cpu_linear.main(["--rows", "0"])
 
-    rows = kernels.linear.SMALL_BATCH_ROWS
+    rows = kernel_linear.SMALL_BATCH_ROWS
     out = tmp_path / "engine.json"
     assert cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--window", "16", "--decode-tokens", "3",
                             "--rounds", "2", "--json", str(out)]) == 0
     (dense,) = json.loads(out.read_text())["results"]
     assert dense["plan"] == "dense" and dense["off_ms"] > 0 and dense["on_ms"] > 0
-    assert kernels.linear.SMALL_BATCH_ROWS == rows           # the dispatch is left on
+    assert kernel_linear.SMALL_BATCH_ROWS == rows           # the dispatch is left on
     with pytest.raises(SystemExit, match="no plan"):
         cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--plans", "width-0.99"])
 
 
 def test_lockstep_speed_steps_the_engines_in_turns_and_times_each_ones_own_steps(tiny_model_dir, monkeypatch):
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from engine.llm import LLM
-    import bench.width_sweep as sweep
+    from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from trident.engine.llm import LLM
+    import trident.bench.width_sweep as sweep
 
     def make():
         return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
@@ -199,7 +199,7 @@ def test_lockstep_speed_steps_the_engines_in_turns_and_times_each_ones_own_steps
 def test_interleaved_speed_loads_every_plan_once_and_pairs_the_rounds(monkeypatch):
     import argparse
 
-    from bench import width_sweep as sweep
+    from trident.bench import width_sweep as sweep
 
     loaded, calls = [], []
 
@@ -244,8 +244,8 @@ def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tm
     import json
     import shutil
 
-    from bench import width_sweep as sweep
-    from engine.pruning.calibrate import calibrate
+    from trident.bench import width_sweep as sweep
+    from trident.engine.pruning.calibrate import calibrate
 
     data = tmp_path / "data"
     data.mkdir()
@@ -296,7 +296,7 @@ def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tm
 
 
 def test_quality_cli_rejects_bad_numbers_and_unwritable_results_before_measuring(tmp_path, capsys):
-    from bench.quality import main
+    from trident.bench.quality import main
 
     (tmp_path / "afile").write_text("")
     target = ["--base-url", "http://127.0.0.1:9"]              # nothing listens: no request is made
@@ -310,7 +310,7 @@ def test_quality_cli_rejects_bad_numbers_and_unwritable_results_before_measuring
 
 
 def test_plans_of_the_same_name_from_two_calibrations_get_their_folder_in_the_label(tmp_path):
-    from bench.width_sweep import plan_runs
+    from trident.bench.width_sweep import plan_runs
 
     for folder in ("heads", "groups"):
         (tmp_path / folder).mkdir()

@@ -6,13 +6,13 @@ import math
 import httpx
 import pytest
 
-from bench import quality, serve
-from bench.client import ServerTarget, resolve_model
-from bench.datasets import SampleRequest
-from bench.launch import free_port, launched_server, trident_command
-from bench.metrics import summarize
-from bench.perplexity import build_windows, perplexity
-from bench.runner import LoadConfig, run_load
+from trident.bench import quality, serve
+from trident.bench.client import ServerTarget, resolve_model
+from trident.bench.datasets import SampleRequest
+from trident.bench.launch import free_port, launched_server, trident_command
+from trident.bench.metrics import summarize
+from trident.bench.perplexity import build_windows, perplexity
+from trident.bench.runner import LoadConfig, run_load
 from tests.tiny_model import build_tiny_hf_model
 
 PPL_TEXT = ("The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon who liked "
@@ -83,8 +83,8 @@ def test_serve_cli_reports_missing_data(server_url, tmp_path, capsys):
 
 
 def test_perplexity_matches_the_engine(server_url, tiny_model):
-    from engine.config import EngineConfig
-    from engine.llm import LLM
+    from trident.engine.config import EngineConfig
+    from trident.engine.llm import LLM
 
     async def measure():
         async with httpx.AsyncClient(timeout=60) as client:

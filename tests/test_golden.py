@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.loader import resolve_model_path
-from engine.sampling_params import SamplingParams
+from trident.engine.config import EngineConfig
+from trident.engine.llm import LLM
+from trident.engine.loader import resolve_model_path
+from trident.engine.sampling_params import SamplingParams
 from tests.conftest import DATA_DIR
 
 NUM_PROMPTS, NEW_TOKENS = 10, 32

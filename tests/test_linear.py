@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import SMALL_BATCH_ROWS, Linear, uses_weight_major
+from trident.kernels.linear import SMALL_BATCH_ROWS, Linear, uses_weight_major
 
 
 @pytest.mark.parametrize("rows", [1, 7, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 300])
@@ -43,7 +43,7 @@ def test_only_small_float32_cpu_batches_take_the_weight_major_form():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_row_padded_to_two_equals_the_unpadded_product(bias):
-    from kernels.linear import weight_major_linear
+    from trident.kernels.linear import weight_major_linear
 
     torch.manual_seed(0)
     weight, b = torch.randn(24, 40), (torch.randn(24) if bias else None)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from trident.engine.llm import LLM
+from trident.engine.sampling_params import SamplingParams
 
 PROMPTS = ["The quick brown fox jumps", "Once upon a time there was a dragon who", "Hi"]
 
@@ -193,7 +193,7 @@ def test_prompt_logprobs_survive_preemption(tiny_model_dir):
 def test_cpu_decode_attention_shares_one_mask_per_step_and_rebuilds_it_for_new_positions():
     import torch.nn.functional as F
 
-    from kernels.attention import AttentionMetadata, paged_attention_ref
+    from trident.kernels.attention import AttentionMetadata, paged_attention_ref
 
     torch.manual_seed(0)
     block, kv_heads, group, dim = 4, 2, 3, 8
@@ -224,14 +224,14 @@ def test_bad_checkpoints_name_the_file(tmp_path, tiny_model_dir, tiny_gguf, monk
     import json
     import shutil
 
-    from engine.loader import load_checkpoint
+    from trident.engine.loader import load_checkpoint
 
     monkeypatch.setenv("TRIDENT_CACHE_DIR", str(tmp_path / "cache"))      # no cached copy to fall back on
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
     with pytest.raises(ValueError, match="cut.gguf is not a readable GGUF file"):
         load_checkpoint(str(cut))
-    import engine.loader as loader
+    import trident.engine.loader as loader
 
     def full_disk(*args, **kwargs):
         raise OSError("No space left on device")

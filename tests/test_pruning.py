@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.llm import LLM
-from engine.loader import load_checkpoint
-from engine.pruning.accounting import FlopCounter, LayerShape, merge_summaries
-from engine.pruning.apply import apply_plan
-from engine.pruning.plan import ExitPoint, LayerPlan, LengthPolicy, PlanError, PruningPlan
-from engine.sampling_params import SamplingParams
+from trident.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from trident.engine.llm import LLM
+from trident.engine.loader import load_checkpoint
+from trident.engine.pruning.accounting import FlopCounter, LayerShape, merge_summaries
+from trident.engine.pruning.apply import apply_plan
+from trident.engine.pruning.plan import ExitPoint, LayerPlan, LengthPolicy, PlanError, PruningPlan
+from trident.engine.sampling_params import SamplingParams
 
 PROMPTS = ["The quick brown fox jumps over", "Once upon a time there was a dragon who liked"]
 
@@ -231,7 +231,7 @@ def test_flop_formulas_by_hand():
 
 
 def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_dir):
-    from engine.pruning.calibrate import calibrate
+    from trident.engine.pruning.calibrate import calibrate
 
     text = " ".join(["The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon."] * 60)
     (tmp_path / "text.txt").write_text(text)
@@ -253,8 +253,8 @@ def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_d
 def test_healing_brings_the_pruned_model_closer_to_dense_and_travels_with_the_plan(tmp_path, tiny_model_dir):
     from safetensors.torch import save_file
 
-    from engine.model import LlamaModel
-    from engine.pruning.heal import distill_loss, forward_logits, heal, layer_tensors
+    from trident.engine.model import LlamaModel
+    from trident.engine.pruning.heal import distill_loss, forward_logits, heal, layer_tensors
 
     ckpt = load_checkpoint(str(tiny_model_dir))
     cfg, plan = ckpt.config, tiny_plan(ckpt.config)
@@ -296,8 +296,8 @@ def test_healing_brings_the_pruned_model_closer_to_dense_and_travels_with_the_pl
 
 
 def test_healing_keeps_the_weights_of_its_best_validation_step(tiny_model_dir):
-    from engine.model import LlamaModel
-    from engine.pruning.heal import autocast_dtype, heal, held_out_kl, layer_tensors
+    from trident.engine.model import LlamaModel
+    from trident.engine.pruning.heal import autocast_dtype, heal, held_out_kl, layer_tensors
 
     ckpt = load_checkpoint(str(tiny_model_dir))
     cfg, plan = ckpt.config, tiny_plan(ckpt.config)
@@ -330,8 +330,8 @@ def test_healing_keeps_the_weights_of_its_best_validation_step(tiny_model_dir):
 
 
 def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
-    from engine.pruning.calibrate import calibrate
-    from server.cli import main
+    from trident.engine.pruning.calibrate import calibrate
+    from trident.server.cli import main
 
     (tmp_path / "text.txt").write_text("some text")
     for bad in (["--heal-budgets", "0.2,lots", "--heal-steps", "5"], ["--heal-budgets", "", "--heal-steps", "5"],
@@ -352,7 +352,7 @@ def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
 
 
 def test_calibrate_checks_its_text_and_output_folder_before_the_statistics(tmp_path, tiny_model_dir, capsys):
-    from server.cli import main
+    from trident.server.cli import main
 
     text = tmp_path / "text.txt"
     text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 60))
@@ -367,7 +367,7 @@ def test_calibrate_checks_its_text_and_output_folder_before_the_statistics(tmp_p
 
 
 def test_least_squares_refit_matches_a_direct_solve_and_beats_the_mean_bias():
-    from engine.pruning.reconstruct import refit_columns
+    from trident.engine.pruning.reconstruct import refit_columns
 
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(12, 12, generator=g, dtype=torch.float64)
@@ -396,7 +396,7 @@ def test_least_squares_refit_matches_a_direct_solve_and_beats_the_mean_bias():
 
 
 def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_model_dir):
-    from engine.pruning.calibrate import calibrate
+    from trident.engine.pruning.calibrate import calibrate
 
     (tmp_path / "text.txt").write_text(" ".join(["Once upon a time there was a dragon."] * 120))
     report = calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=128, eval_tokens=64, window=64,
@@ -410,7 +410,7 @@ def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_mode
 
 
 def test_group_head_unit_drops_whole_kv_groups_by_summed_scores():
-    from engine.pruning.calibrate import _global_keep_groups
+    from trident.engine.pruning.calibrate import _global_keep_groups
 
     # Two layers of 4 query heads in 2 groups. Layer 0's lowest single head (0) sits in its
     # strongest group; the groups' summed standardized scores pick group 1 instead.
@@ -423,7 +423,7 @@ def test_group_head_unit_drops_whole_kv_groups_by_summed_scores():
 
 
 def test_calibration_with_group_head_unit_keeps_groups_equal_and_shrinks_the_kv_cache(tmp_path, tiny_model_dir):
-    from engine.pruning.calibrate import calibrate
+    from trident.engine.pruning.calibrate import calibrate
 
     (tmp_path / "text.txt").write_text(" ".join(["Once upon a time there was a dragon."] * 120))
     report = calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=128, eval_tokens=64, window=64,

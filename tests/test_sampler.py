@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from engine.sampler import _filter, apply_penalties, sample
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from trident.engine.sampler import _filter, apply_penalties, sample
+from trident.engine.sampling_params import SamplingParams
+from trident.engine.sequence import Sequence
 
 
 def seq(prompt=(1,), outputs=(), **params) -> Sequence:

@@ -1,9 +1,9 @@
 """Block manager and scheduler on CPU without a model: fake runner steps append tokens."""
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from trident.engine.block_manager import BlockManager
+from trident.engine.config import SchedulerConfig
+from trident.engine.sampling_params import SamplingParams
+from trident.engine.scheduler import Scheduler
+from trident.engine.sequence import Sequence, SequenceStatus
 
 _ids = iter(range(10**6))
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the HTTP server: a real `python -m server serve` process on the tiny random
+"""End-to-end tests of the HTTP server: a real `python -m trident.server serve` process on the tiny random
 model (conftest's `tiny_model_dir`), driven by the official OpenAI SDK (and httpx for raw checks).
 
 Greedy requests (temperature 0) make outputs reproducible; checks compare one path of the server
@@ -30,13 +30,13 @@ def free_port() -> int:
 
 
 class RemoteServer:
-    """`python -m server serve` in a subprocess on a free port; waits for /health 200."""
+    """`python -m trident.server serve` in a subprocess on a free port; waits for /health 200."""
 
     def __init__(self, model_dir: Path, log_file: Path, *extra_args: str, startup_timeout: float = 60.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
-        args = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--port", str(self.port),
+        args = [sys.executable, "-m", "trident.server", "serve", "--model", str(model_dir), "--port", str(self.port),
                 "--served-model-name", MODEL_NAME, "--kv-cache-memory", "16MiB", "--log-level", "warning",
                 *extra_args]
         with open(log_file, "w") as log:

@@ -15,9 +15,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from server.app import build_app
+from trident.engine.async_engine import AsyncEngine
+from trident.engine.config import EngineConfig
+from trident.server.app import build_app
 from tests.test_server import MODEL_NAME, PROMPT, RemoteServer
 
 API_KEY = "s3cret"

@@ -5,8 +5,8 @@ import httpx
 import openai
 import pytest
 
-from engine.loader import load_checkpoint
-from engine.pruning.plan import LayerPlan, PruningPlan
+from trident.engine.loader import load_checkpoint
+from trident.engine.pruning.plan import LayerPlan, PruningPlan
 from tests.test_server import MODEL_NAME, REPO_ROOT, RemoteServer, free_port
 
 
@@ -44,10 +44,10 @@ def test_bad_plan_fails_fast(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "server", "serve", "--plan", str(tmp_path / "missing.json")],
+    result = subprocess.run([sys.executable, "-m", "trident.server", "serve", "--plan", str(tmp_path / "missing.json")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "missing.json" in result.stderr
-    no_model = subprocess.run([sys.executable, "-m", "server", "serve", "--model", str(tmp_path / "nowhere")],
+    no_model = subprocess.run([sys.executable, "-m", "trident.server", "serve", "--model", str(tmp_path / "nowhere")],
                               capture_output=True, text=True, timeout=60)
     assert no_model.returncode == 2 and "neither an existing path nor a known alias" in no_model.stderr
 
@@ -61,7 +61,7 @@ def test_plan_that_does_not_fit_the_model_stops_the_server(tmp_path, tiny_model_
     plan.layers[0] = LayerPlan(kept_q_heads=[0, 9])        # the tiny model has 4 query heads
     plan.save(tmp_path / "plan.json")
     (tmp_path / "broken.json").write_text('{"version": 1, "name": "x", "model": {}, "layers": ["keep"]}')
-    serve = [sys.executable, "-m", "server", "serve", "--model", str(tiny_model_dir), "--port", str(free_port())]
+    serve = [sys.executable, "-m", "trident.server", "serve", "--model", str(tiny_model_dir), "--port", str(free_port())]
     unfit = subprocess.run([*serve, "--plan", str(tmp_path / "plan.json")], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=120)
     assert unfit.returncode == 1

@@ -6,9 +6,9 @@ import argparse
 import pydantic
 import pytest
 
-from engine.config import CacheConfig, SchedulerConfig
-from server import cli
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from trident.engine.config import CacheConfig, SchedulerConfig
+from trident.server import cli
+from trident.server.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -44,10 +44,10 @@ def test_unset_flags_keep_config_defaults():
 
 
 def test_bench_serve_forwards_its_arguments(monkeypatch):
-    import bench.serve
+    import trident.bench.serve
 
     seen = []
-    monkeypatch.setattr(bench.serve, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(trident.bench.serve, "main", lambda argv: seen.append(argv) or 0)
     assert cli.main(["bench", "serve", "--num-prompts", "5", "--help"]) == 0
     assert seen == [["--num-prompts", "5", "--help"]]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ModelConfig
+from trident.engine.config import ModelConfig
 
 AXES = ("depth", "width", "length")
 

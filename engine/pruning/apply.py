@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
-from engine.pruning.plan import LengthPolicy, PlanError, PruningPlan
+from trident.engine.config import ModelConfig
+from trident.engine.pruning.plan import LengthPolicy, PlanError, PruningPlan
 
 
 def apply_plan(state: dict[str, torch.Tensor], config: ModelConfig, plan: PruningPlan) -> dict[str, torch.Tensor]:

@@ -25,16 +25,16 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.llm import LLM
-from engine.loader import load_checkpoint
-from engine.model import LlamaModel
-from engine.pruning.apply import apply_plan
-from engine.pruning.heal import heal, layer_tensors
-from engine.pruning.plan import HEAD_UNITS, LayerPlan, PruningPlan
-from engine.pruning.reconstruct import COMPENSATIONS, refit_columns
-from engine.pruning.profiles import profile_dir
-from engine.sampling_params import SamplingParams
+from trident.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from trident.engine.llm import LLM
+from trident.engine.loader import load_checkpoint
+from trident.engine.model import LlamaModel
+from trident.engine.pruning.apply import apply_plan
+from trident.engine.pruning.heal import heal, layer_tensors
+from trident.engine.pruning.plan import HEAD_UNITS, LayerPlan, PruningPlan
+from trident.engine.pruning.reconstruct import COMPENSATIONS, refit_columns
+from trident.engine.pruning.profiles import profile_dir
+from trident.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 WIDTH_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)

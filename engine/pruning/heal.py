@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.model import LlamaModel
-from kernels.attention import AttentionMetadata
+from trident.engine.model import LlamaModel
+from trident.kernels.attention import AttentionMetadata
 
 BLOCK_SIZE = 16
 
@@ -54,7 +54,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 matmuls where the hardware has them (GPUs, CPUs with AMX / AVX512-BF16), else none."""
-    from engine.config import cpu_has_bf16_matmul
+    from trident.engine.config import cpu_has_bf16_matmul
     return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matmul() else None
 
 

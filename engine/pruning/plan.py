@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
+from trident.engine.config import ModelConfig
 
 PLAN_VERSION = 1
 # What width pruning drops from attention: single query heads, or whole KV groups (a KV head with

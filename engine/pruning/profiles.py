@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ModelConfig
-from engine.loader import cache_root
-from engine.pruning.plan import PlanError, PruningPlan
+from trident.engine.config import ModelConfig
+from trident.engine.loader import cache_root
+from trident.engine.pruning.plan import PlanError, PruningPlan
 
 PROFILES = ("dense", "balanced", "aggressive")
 

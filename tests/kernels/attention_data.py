@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import AttentionMetadata
+from trident.kernels.attention import AttentionMetadata
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 

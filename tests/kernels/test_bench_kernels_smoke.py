@@ -19,7 +19,7 @@ def run_case(case: dict) -> list[str]:
 
     import torch
 
-    import bench.kernels as bk
+    import trident.bench.kernels as bk
 
     bk.timed = lambda fn, rep_ms: (fn(), dict(median_ms=1.0, p20_ms=0.9, p80_ms=1.1))[1]
     problem = bk.Problem(device="cpu", dtype=torch.float16, prefill_tokens=40, prefill_heads=((16, 4, 2),),
@@ -37,7 +37,7 @@ def run_case(case: dict) -> list[str]:
 def test_cli_without_gpu():
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    import bench.kernels as bk
+    import trident.bench.kernels as bk
 
     assert bk.parse_args(["--ops", "decode,exit", "--quick"]).ops == ["decode", "exit"]
     with pytest.raises(SystemExit):

@@ -66,12 +66,12 @@ def _launch(op: str, dtype, size: int) -> None:
     import torch
 
     from attention_data import make_batch
-    from kernels.decode_attention import decode_attention
-    from kernels.exit_classifier import exit_classifier
-    from kernels.fused_norm import add_rms_norm, rms_norm
-    from kernels.prefill_attention import prefill_attention
-    from kernels.rope import rope_cos_sin, rope_write_kv
-    from kernels.swiglu import swiglu
+    from trident.kernels.decode_attention import decode_attention
+    from trident.kernels.exit_classifier import exit_classifier
+    from trident.kernels.fused_norm import add_rms_norm, rms_norm
+    from trident.kernels.prefill_attention import prefill_attention
+    from trident.kernels.rope import rope_cos_sin, rope_write_kv
+    from trident.kernels.swiglu import swiglu
 
     if op in ("prefill", "decode"):
         heads = {64: (32, 8), 128: (32, 4), 256: (8, 8)}[size]

@@ -44,8 +44,8 @@ def run_case(case: dict) -> list[str]:
 
     from attention_data import DTYPES, dense_attention, kept_head_list, make_batch, prune_keys
     from kernel_harness import compare, tolerance
-    from kernels.attention import paged_attention, paged_attention_ref
-    from kernels.decode_attention import decode_attention, decode_attention_ref
+    from trident.kernels.attention import paged_attention, paged_attention_ref
+    from trident.kernels.decode_attention import decode_attention, decode_attention_ref
 
     dtype = DTYPES[case["dtype"]]
     num_q_heads, num_kv_heads = case["heads"]

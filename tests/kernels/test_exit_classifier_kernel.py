@@ -51,7 +51,7 @@ def run_case(case: dict) -> list[str]:
 
     from attention_data import DTYPES
     from kernel_harness import compare, compare_exact, tolerance
-    from kernels.exit_classifier import exit_classifier, exit_classifier_ref
+    from trident.kernels.exit_classifier import exit_classifier, exit_classifier_ref
 
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, rows, hidden = DTYPES[case["dtype"]], case["rows"], case["hidden"]

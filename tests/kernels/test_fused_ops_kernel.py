@@ -27,7 +27,7 @@ for seed, case in enumerate(CASES):
 def _norm(case, gen, dtype, compare, tol) -> list[str]:
     import torch
 
-    from kernels.fused_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+    from trident.kernels.fused_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 
     rows, hidden = case["rows"], case["hidden"]
     x = torch.randn(rows, hidden + 3, generator=gen).to(dtype)[:, :hidden]      # strided rows
@@ -44,7 +44,7 @@ def _norm(case, gen, dtype, compare, tol) -> list[str]:
 def _rope(case, gen, dtype, compare, tol) -> list[str]:
     import torch
 
-    from kernels.rope import rope_cos_sin, rope_write_kv, rope_write_kv_ref
+    from trident.kernels.rope import rope_cos_sin, rope_write_kv, rope_write_kv_ref
 
     rows, (num_q_heads, num_kv_heads), head_dim = case["rows"], case["heads"], case["head_dim"]
     inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -66,7 +66,7 @@ def _rope(case, gen, dtype, compare, tol) -> list[str]:
 def _swiglu(case, gen, dtype, compare, tol) -> list[str]:
     import torch
 
-    from kernels.swiglu import swiglu, swiglu_ref
+    from trident.kernels.swiglu import swiglu, swiglu_ref
 
     gate_up = torch.randn(case["rows"], 2 * case["ffn"] + 5, generator=gen).to(dtype)[:, :2 * case["ffn"]]
     return compare("swiglu", swiglu(gate_up), swiglu_ref(gate_up), **tol)

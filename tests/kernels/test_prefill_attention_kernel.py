@@ -50,8 +50,8 @@ def _vs_twin(case, batch, meta, kept, scale, tol) -> list[str]:
 
     from attention_data import dense_attention
     from kernel_harness import compare
-    from kernels.attention import paged_attention, paged_attention_ref
-    from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+    from trident.kernels.attention import paged_attention, paged_attention_ref
+    from trident.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
     window = case["window"]
     initial = torch.rand(meta.key_slots.shape)               # mass accumulates on top of this
@@ -79,7 +79,7 @@ def _reassign(case, batch, meta, kept, scale, tol) -> list[str]:
     """Per-step tensors cached on the metadata follow a reassigned key list (token pruning)."""
     from attention_data import prune_keys
     from kernel_harness import compare
-    from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+    from trident.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
     args = (batch.q, batch.k_cache, batch.v_cache)
     failures = compare("before", prefill_attention(*args, meta, scale, kept),
@@ -98,9 +98,9 @@ def _cpu_dispatch(case, batch, meta, kept, scale, tol) -> list[str]:
 
     from attention_data import make_batch
     from kernel_harness import compare
-    from kernels.attention import paged_attention, paged_attention_ref
-    from kernels.decode_attention import decode_attention_ref
-    from kernels.prefill_attention import prefill_attention_ref
+    from trident.kernels.attention import paged_attention, paged_attention_ref
+    from trident.kernels.decode_attention import decode_attention_ref
+    from trident.kernels.prefill_attention import prefill_attention_ref
 
     decode = make_batch([7, 129], [1, 1], *batch.q.shape[1:2], batch.k_cache.shape[1], batch.q.shape[2],
                         16, batch.q.dtype, case["seed"])

@@ -1,1 +1,0 @@
-"""Trident benchmarks: serving load generator, quality (perplexity, greedy agreement) and sweeps."""

@@ -1,1 +1,0 @@
-"""Trident engine: model loading, paged KV cache, scheduler, model runner, sampling."""

@@ -1,1 +1,0 @@
-"""Trident HTTP edge: OpenAI-compatible FastAPI app, protocol models, Prometheus metrics, CLI."""
