@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.engine.config import ModelConfig
-from trident.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from trident.kernels.attention import paged_attention, write_kv
+from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.linear import Linear
 
 

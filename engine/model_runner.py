@@ -12,7 +12,7 @@ from trident.engine.outputs import TokenLogprobs
 from trident.engine.pruning.accounting import FlopCount, FlopCounter
 from trident.engine.sampler import sample, top_logprobs
 from trident.engine.scheduler import SchedulerOutput
-from trident.kernels.attention import AttentionMetadata
+from trident.kernels.metadata import AttentionMetadata
 
 
 @dataclass

@@ -11,63 +11,12 @@ length-pruning policy can later keep an arbitrary subset of slots without renumb
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
 from trident.kernels.backend import use_triton
+from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.launch import step_tensor
-
-
-@dataclass
-class AttentionMetadata:
-    """Per-step inputs shared by every layer. Built once by the model runner."""
-
-    slot_mapping: torch.Tensor      # [T] int64: cache slot that receives each new token's K/V
-    query_positions: torch.Tensor   # [T] int64: original position of each new token
-    query_start_loc: list[int]      # [S + 1]: new tokens of sequence s are rows [loc[s], loc[s+1])
-    key_slots: torch.Tensor         # [S, L] int64: cache slots of each sequence's keys, padded with 0
-    key_positions: torch.Tensor     # [S, L] int64: original positions of those keys, -1 for padding
-    is_decode: bool                 # every sequence has exactly one new token
-    # Tensors the kernel launchers derive from the fields above (key lengths, tile tables), built
-    # on first use and shared by every layer of the step. An entry is rebuilt when the field it
-    # came from is reassigned; fields are never edited in place.
-    derived: dict[str, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_start_loc) - 1
-
-    @staticmethod
-    def build(block_tables: list[list[int]], seq_lens: list[int], new_counts: list[int],
-              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Metadata for S sequences holding `seq_lens[s]` tokens at positions 0..len-1 (the last
-        `new_counts[s]` of them new in this step), stored through their block tables."""
-        num_seqs, max_len = len(seq_lens), max(seq_lens)
-        max_blocks = max(len(bt) for bt in block_tables)
-        table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
-        for s, bt in enumerate(block_tables):
-            table[s, :len(bt)] = torch.tensor(bt, dtype=torch.long)
-        offsets = torch.arange(block_size)
-        key_slots = (table[:, :, None] * block_size + offsets).reshape(num_seqs, -1)[:, :max_len]
-        key_positions = torch.arange(max_len).expand(num_seqs, max_len).clone()
-        lens = torch.tensor(seq_lens)
-        key_positions[key_positions >= lens[:, None]] = -1
-        key_slots = key_slots.masked_fill(key_positions < 0, 0)
-        query_positions = torch.cat([torch.arange(n - k, n) for n, k in zip(seq_lens, new_counts)])
-        seq_index = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(new_counts))
-        loc = [0]
-        for k in new_counts:
-            loc.append(loc[-1] + k)
-        return AttentionMetadata(
-            slot_mapping=key_slots[seq_index, query_positions].to(device),
-            query_positions=query_positions.to(device),
-            query_start_loc=loc,
-            key_slots=key_slots.to(device),
-            key_positions=key_positions.to(device),
-            is_decode=all(k == 1 for k in new_counts),
-        )
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
