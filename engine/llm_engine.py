@@ -16,6 +16,8 @@ from trident.engine.model_runner import ModelRunner, RunnerOutput
 from trident.engine.outputs import CompletionOutput, RequestOutput
 from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
 from trident.engine.pruning.apply import apply_plan
+from trident.engine.pruning.length import resolve_request
+from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.pruning.profiles import resolve_plan
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.scheduler import Scheduler
@@ -115,12 +117,23 @@ class LLMEngine:
         if n >= self.max_model_len and not (n == self.max_model_len and params.max_tokens == 0):
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
                              f"has {n} tokens, leaving no room for output")
+        policy = self.length_policy(params)
+        if policy.prefill_keep and params.prompt_logprobs is not None:
+            raise ValueError("prompt logprobs (echo with logprobs) need every prompt token's logits, and "
+                             "prefill pruning drops rows before the last layer: turn one of them off")
         max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
         if n + max_tokens > self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
                              f"has {n} prompt tokens and asks for {max_tokens} output tokens "
                              f"({n + max_tokens} in total)")
         return max_tokens
+
+    def length_policy(self, params: SamplingParams) -> LengthPolicy:
+        """The length-axis policy a request runs: the plan's, changed by its `pruning` object."""
+        served = self.plan.length if self.plan is not None else LengthPolicy()
+        kept = [layer.keep for layer in self.plan.layers] if self.plan is not None else [True] * self.model_config.num_layers
+        return resolve_request(params.pruning, served, self.plan.name if self.plan is not None else None,
+                               self.model_config.num_layers, kept)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -129,7 +142,8 @@ class LLMEngine:
         seqs, detoks = [], []
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
-            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens)
+            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens,
+                           length=self.length_policy(child))
             if child.min_tokens:
                 eos = () if child.ignore_eos else self.tokenizer.eos_token_ids
                 seq.min_tokens_banned = sorted({*child.stop_token_ids, *eos})
@@ -164,7 +178,7 @@ class LLMEngine:
             return []
         result = self.runner.execute(sched)
         self._account(result)
-        self.scheduler.update_after_step(sched)
+        self.scheduler.update_after_step(sched, result)
         touched = self._process(sched, result)
         outputs = []
         for req in touched:
@@ -242,5 +256,5 @@ class LLMEngine:
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
             finished=req.finished,
             prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
-            pruning=req.flops.summary() if self.plan is not None else {},
+            pruning=req.flops.summary() if self.plan is not None or first.prunes_length else {},
         )

@@ -77,6 +77,37 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def key_mass_ref(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                 kept_q_heads: torch.Tensor | None, key_mass: torch.Tensor, mass_window: int = 1) -> None:
+    """key_mass[s, j] += sum over heads h and over the last `mass_window` queries i of sequence s
+    of softmax_j(scale * q[i, h] . K[j, kv(h)]) over the keys i may see (position <= its own).
+    Heads are `kept_q_heads` when given (each reads KV head h // G), else all of q's. The
+    probabilities of only those queries are materialized: [window, heads, L] per sequence."""
+    num_q_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
+    group = num_q_heads // num_kv_heads
+    heads = torch.arange(num_q_heads, device=q.device) if kept_q_heads is None else kept_q_heads.long()
+    if meta.is_decode:                      # one query per sequence: one batched product
+        keys = k_cache.index_select(0, meta.key_slots.reshape(-1)).view(*meta.key_slots.shape, num_kv_heads, head_dim)
+        keys = keys.float()[:, :, heads // group]                               # [S, L, Hk, D]
+        scores = scale * torch.einsum("shd,slhd->shl", q.float()[:, heads], keys)
+        scores = scores.masked_fill((meta.key_positions < 0)[:, None, :], float("-inf"))
+        key_mass += torch.softmax(scores, -1).nan_to_num(0.0).sum(1)
+        return
+    for s in range(meta.num_seqs):
+        lo, hi = meta.query_start_loc[s], meta.query_start_loc[s + 1]
+        if hi == lo:
+            continue
+        num_keys = int((meta.key_positions[s] >= 0).sum())
+        key_pos = meta.key_positions[s, :num_keys]
+        keys = k_cache[meta.key_slots[s, :num_keys]].float()[:, heads // group]     # [L, Hk, D]
+        last = slice(max(lo, hi - mass_window), hi)
+        queries = q[last].float()[:, heads]                                          # [W, Hk, D]
+        scores = scale * torch.einsum("whd,lhd->whl", queries, keys)
+        visible = key_pos[None, :] <= meta.query_positions[last, None]               # [W, L]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        key_mass[s, :num_keys] += torch.softmax(scores, -1).nan_to_num(0.0).sum((0, 1))
+
+
 def decode_computes_all_heads(device: torch.device | str) -> bool:
     """Whether a decode step with `kept_q_heads` on `device` computes every head of q (the CPU
     path), so honest FLOP accounting counts them all."""
@@ -104,7 +135,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.shape[0] != meta.query_start_loc[-1]:
         raise ValueError(f"q has {q.shape[0]} rows, metadata describes {meta.query_start_loc[-1]} tokens")
     triton_path = use_triton(q)
-    if not triton_path and key_mass is None:
+    if not triton_path:
+        # The output never depends on whether mass is asked for: a sequence that prunes nothing
+        # gets the same bits next to one that does.
+        if key_mass is not None:
+            key_mass_ref(q, k_cache, meta, scale, kept_q_heads, key_mass, mass_window)
         if kept_q_heads is None:
             return paged_attention_ref(q, k_cache, v_cache, meta, scale)
         if meta.is_decode:
@@ -113,7 +148,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return paged_attention_ref(q, k_cache, v_cache, meta, scale).index_select(1, kept_q_heads)
         group = q.shape[1] // k_cache.shape[1]
         return paged_attention_ref(q.index_select(1, kept_q_heads), k_cache, v_cache, meta, scale, kept_q_heads // group)
-    # Imported here: the kernel modules need triton, which the plain CPU path does not.
+    # Imported here: a CPU run never needs the kernel modules.
     if meta.is_decode:
         from trident.kernels.decode_attention import decode_attention, decode_attention_ref
         decode = decode_attention if triton_path else decode_attention_ref
