@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from trident.engine.block_manager import BlockManager
-from trident.engine.config import EngineConfig
+from trident.engine.config import AUTO_KV_MEMORY, AUTO_KV_SEQUENCES, EngineConfig
 from trident.engine.loader import load_checkpoint
 from trident.engine.model import LlamaModel
 from trident.engine.model_runner import ModelRunner, RunnerOutput
@@ -55,7 +55,8 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.dtype = config.resolved_dtype
         dtype = DTYPES[self.dtype]
-        self.max_model_len = min(config.scheduler.max_model_len, ckpt.config.max_position_embeddings)
+        context = ckpt.config.max_position_embeddings
+        self.max_model_len = min(config.scheduler.max_model_len or context, context)
         state = ckpt.state_dict
         self.plan = resolve_plan(config.plan, ckpt.config, self.model_name) if config.plan else None
         if self.plan is not None:
@@ -89,7 +90,8 @@ class LLMEngine:
         cfg, cache = self.model_config, self.config.cache
         heads = [layer.self_attn.num_kv_heads for layer in self.model.layers]
         bytes_per_slot = 2 * sum(heads) * cfg.head_dim * torch.finfo(dtype).bits // 8
-        num_blocks = cache.num_blocks or cache.kv_cache_memory // (bytes_per_slot * cache.block_size)
+        memory = cache.kv_cache_memory or max(AUTO_KV_MEMORY, AUTO_KV_SEQUENCES * self.max_model_len * bytes_per_slot)
+        num_blocks = cache.num_blocks or memory // (bytes_per_slot * cache.block_size)
         if num_blocks * cache.block_size < self.max_model_len:
             raise ValueError(f"KV cache of {num_blocks} blocks x {cache.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}: raise the KV cache memory or "

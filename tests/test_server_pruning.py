@@ -69,3 +69,43 @@ def test_plan_that_does_not_fit_the_model_stops_the_server(tmp_path, tiny_model_
     malformed = subprocess.run([*serve, "--plan", str(tmp_path / "broken.json")], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=120)
     assert malformed.returncode == 2 and "layer 0: must be an object" in malformed.stderr
+
+
+LONG_PROMPT = ("Once upon a time there was a dragon who liked to read books in the library. The quick brown fox "
+               "jumps over the lazy dog. Write a short poem about the sea. Explain why the sky is blue.")
+
+
+def test_the_pruning_object_is_honoured_per_request(pruned_server):
+    """`pruning` changes what runs for that request only, and usage.pruning says what ran."""
+    client = openai.OpenAI(base_url=f"{pruned_server.url}/v1", api_key="unused", max_retries=0)
+    body = {"pruning": {"kv_budget": 8, "prefill_keep": [[0, 0.5]]}}
+    pruned = client.completions.create(model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=12, temperature=0,
+                                       extra_body=body)
+    length = pruned.usage.model_extra["pruning"]["length"]
+    assert length["prompt_tokens_dropped"] > 0 and length["kv_slots_evicted"] > 0 and length["kv_bytes_saved"] > 0
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": LONG_PROMPT}],
+                                          max_tokens=6, temperature=0, extra_body={"pruning": {"prefill_keep": 0.5}})
+    assert chat.usage.model_extra["pruning"]["length"]["prompt_tokens_dropped"] > 0
+    plain = client.completions.create(model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=12, temperature=0)
+    assert plain.usage.model_extra["pruning"]["length"]["kv_slots_evicted"] == 0
+    text = httpx.get(f"{pruned_server.url}/metrics").text
+    length_saved = [l for l in text.splitlines() if l.startswith('trident_pruning_saved_flops_total{axis="length"}')]
+    assert length_saved and float(length_saved[0].split()[-1]) != 0
+
+
+@pytest.mark.parametrize("pruning, message", [
+    ({"kv_budgett": 8}, "kv_budgett"),
+    ({"kv_budget": "8"}, "kv_budget"),
+    ({"kv_budget": 2}, "at least"),
+    ({"prefill_keep": 1.5}, "fraction"),
+    ({"prefill_keep": [[99, 0.5]]}, "layer"),
+    ({"prefill_keep": [[3, 0.5]]}, "dropped by the plan"),
+    ({"profile": "aggressive"}, "not served here"),
+    ("balanced", "pruning"),
+])
+def test_bad_pruning_objects_get_a_400_naming_the_problem(pruned_server, pruning, message):
+    for path, body in (("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})):
+        reply = httpx.post(f"{pruned_server.url}{path}", json={**body, "pruning": pruning}, timeout=30)
+        assert reply.status_code == 400, reply.text
+        assert message in reply.json()["error"]["message"], reply.text
