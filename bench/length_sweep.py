@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     keeps = [float(f) for f in args.prefill_keeps.split(",") if f]
     budgets = [int(b) for b in args.budgets.split(",") if b]
-    require_writable(args.output_dir)
+    for name in ("length_sweep.json", "length_sweep.png"):
+        require_writable(args.output_dir / name)
     torch.manual_seed(0)
 
     llm = make_llm(args)
