@@ -92,6 +92,7 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
                 await engine.shutdown()
             except Exception:
                 logger.exception("engine shutdown failed")
+            ctx.metrics.close()
 
     app = FastAPI(title="Trident", summary="OpenAI-compatible pruning-aware LLM server", lifespan=lifespan)
     install_error_handlers(app)

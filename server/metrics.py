@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trident.engine.outputs import RequestOutput
@@ -179,6 +179,13 @@ class ServerMetrics:
             MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+    def close(self) -> None:
+        """At shutdown: with several workers, this process's live gauges leave the sums (its
+        counters stay, so totals never go back)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            mark_process_dead(os.getpid())
 
 
 class RequestTimer:
