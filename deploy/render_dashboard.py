@@ -119,7 +119,10 @@ def render(prometheus_url: str, model_name: str, start: float, end: float, out: 
                             label=legend(target["legendFormat"], series["metric"]))
                 ax.set_ylabel(unit, fontsize=8)
                 ax.set_xlabel("seconds", fontsize=8)
-        if panel["type"] == "timeseries" and ax.get_legend_handles_labels()[0]:
+        if panel["type"] == "timeseries" and not any(any(map(math.isfinite, line.get_ydata()))
+                                                     for line in ax.get_lines()):
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+        elif panel["type"] == "timeseries":
             ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[len(shown):]:
         ax.set_axis_off()
