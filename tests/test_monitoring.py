@@ -154,9 +154,10 @@ def test_dashboard_is_templated_on_data_source_and_model():
             assert "group_left (" not in target["expr"]
 
 
-def test_promtool_accepts_the_rules_and_the_config():
+def test_promtool_accepts_the_rules_and_the_config_and_the_rules_fire_as_tested():
     ensure_prometheus()
-    for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"]):
+    for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"],
+                 ["test", "rules", "alerts_test.yml"]):
         result = subprocess.run(["promtool", *args], cwd=DEPLOY, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
 
