@@ -8,9 +8,10 @@ engine arrival to first scheduled step, prefill time first scheduled step to fir
 time first token to last token, all on the monotonic clock.
 
 The engine has no stats hook yet, so the observer wraps two methods of the engine instance it
-serves: `ModelRunner.execute(SchedulerOutput) -> RunnerOutput` (which requests a step schedules
-and how many tokens it runs) and `LLMEngine.step() -> list[RequestOutput]` (what came out). Both
-run in the engine's worker thread; the wrappers only read.
+serves: `ModelRunner.execute(SchedulerOutput)` (which requests a step schedules and how many
+tokens it feeds the model) and `LLMEngine.step() -> list[RequestOutput]` (what came out). Both run
+in the engine's worker thread; the wrappers only read. When the engine gets a stats hook of its
+own (as vLLM's SchedulerStats and IterationStats), this observer becomes its consumer.
 
 Counters of dynamic pruning that the engine does not count yet are read defensively from its
 `total_flops` (a FlopCount): `prompt_tokens_dropped`, `kv_slots_evicted`, `kv_bytes_saved`
@@ -72,7 +73,8 @@ class EngineStats:
                     arrival = getattr(seq, "arrival_time", now)
                     self.metrics.request_queue_time.labels(self.metrics.model).observe(max(0.0, now - arrival))
             result = execute(sched)
-            self.metrics.iteration_tokens.labels(self.metrics.model).observe(result.num_tokens)
+            num_tokens = sum(s.num_new_tokens for s in sched.scheduled)     # what entered the model
+            self.metrics.iteration_tokens.labels(self.metrics.model).observe(num_tokens)
             return result
 
         @functools.wraps(step)
