@@ -36,7 +36,8 @@ def test_usage_carries_pruning_and_metrics_split_savings(pruned_server):
     usage = [c.usage for c in stream if c.usage is not None][-1]
     assert usage.model_extra["pruning"]["total_saved_fraction"] > 0
     text = httpx.get(f"{pruned_server.url}/metrics").text
-    depth = [l for l in text.splitlines() if l.startswith('trident_pruning_saved_seconds_total{axis="depth"}')]
+    depth = [l for l in text.splitlines()
+             if l.startswith(f'trident:seconds_saved_total{{axis="depth",model_name="{MODEL_NAME}"}}')]
     assert depth and float(depth[0].split()[-1]) > 0
 
 
