@@ -90,8 +90,12 @@ def test_the_pruning_object_is_honoured_per_request(pruned_server):
     plain = client.completions.create(model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=12, temperature=0)
     assert plain.usage.model_extra["pruning"]["length"]["kv_slots_evicted"] == 0
     text = httpx.get(f"{pruned_server.url}/metrics").text
-    length_saved = [l for l in text.splitlines() if l.startswith('trident_pruning_saved_flops_total{axis="length"}')]
-    assert length_saved and float(length_saved[0].split()[-1]) != 0
+    series = lambda name: [float(l.split()[-1]) for l in text.splitlines()
+                           if l.startswith(f'trident:{name}_total{{') and 'axis="length"' in l]
+    assert series("flops_saved") and series("flops_saved")[0] != 0
+    assert series("prompt_tokens_dropped")[0] >= length["prompt_tokens_dropped"] > 0
+    assert series("kv_slots_evicted")[0] >= length["kv_slots_evicted"] > 0
+    assert series("kv_bytes_saved")[0] > 0
 
 
 @pytest.mark.parametrize("pruning, message", [
