@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from trident.engine.pruning.depth import DEPTH_COMPENSATIONS
 from trident.engine.pruning.plan import HEAD_UNITS
 from trident.engine.pruning.profiles import PROFILES
 from trident.engine.pruning.reconstruct import COMPENSATIONS
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="distillation steps that heal each plan of --heal-budgets (default 0: compensation "
                                 "only; 6-8 s a step on 2 CPU cores for a 135M model)")
     calibrate.add_argument("--heal-budgets", help="comma-separated width budgets to heal (default 0.2,0.25)")
+    calibrate.add_argument("--depth-compensation", choices=DEPTH_COMPENSATIONS, default="least-squares",
+                           help="how the kept layer before a run of dropped layers makes up for them: refit its "
+                                "down_proj by least squares, add the run's mean contribution as a bias, or none")
+    calibrate.add_argument("--heal-depths", help="comma-separated depth budgets (layers dropped) to heal with "
+                                                 "--heal-steps (default: none)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
     calibrate.set_defaults(handler=calibrate_command)
     bench = commands.add_parser("bench", help="benchmarks")
@@ -115,10 +121,19 @@ def calibrate_command(args: argparse.Namespace) -> int:
               f"got {args.heal_budgets!r} with --heal-steps {args.heal_steps}", file=sys.stderr)
         return 2
     try:
+        if args.heal_depths is not None:
+            budgets["heal_depths"] = tuple(int(n) for n in args.heal_depths.split(",") if n.strip())
+            if not budgets["heal_depths"] or args.heal_steps <= 0:
+                raise ValueError
+    except ValueError:
+        print(f"trident calibrate: --heal-depths must be layer counts like 4,6 and needs --heal-steps N > 0, "
+              f"got {args.heal_depths!r} with --heal-steps {args.heal_steps}", file=sys.stderr)
+        return 2
+    try:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
                            out_dir=Path(args.out) if args.out else None, heal_steps=args.heal_steps,
                            heal_lr=args.heal_lr, compensation=args.compensation,
-                           head_unit=args.head_unit, **budgets)
+                           head_unit=args.head_unit, depth_compensation=args.depth_compensation, **budgets)
     except (ValueError, OSError) as e:
         print(f"trident calibrate: {e}", file=sys.stderr)
         return 2
@@ -126,6 +141,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
     for point in report["sweep"]:
         healed = f"  (healed {point['healing']['steps']} steps)" if "healing" in point else ""
         print(f"  {point['plan']:<12} width {point['width_fraction']:.2f}  perplexity {point['perplexity']:.3f}{healed}")
+    for point in report["depth_sweep"]:
+        healed = f"  (healed {point['healing']['steps']} steps)" if "healing" in point else ""
+        print(f"  {point['plan']:<12} drops layers {point['dropped']}  perplexity {point['perplexity']:.3f}{healed}")
     print(f"profiles: {report['profiles']}; plans in {report['out_dir']}")
     return 0
 

@@ -3,7 +3,8 @@
 Statistics (one pass, through the engine's own forward code, via hooks):
 - width: of the o_proj input (attention heads) and of the down_proj input (FFN), the mean and
   the second-moment matrix over calibration tokens (its diagonal gives FLAP's fluctuation metric);
-- depth: Block Influence per layer, BI = 1 - mean cos(x_in, x_out).
+- depth: Block Influence per layer, BI = 1 - mean cos(x_in, x_out); layer-drop plans and their
+  compensation are engine.pruning.depth's (a second pass collects the moments it needs).
 Width importance of a channel = variance * squared norm of its weight column; a head scores the
 sum over its channels. Scores are standardized per layer and pruned globally, so the budget
 spreads non-uniformly across layers. The kept columns of o_proj / down_proj are then refit by
@@ -30,6 +31,8 @@ from trident.engine.llm import LLM
 from trident.engine.loader import load_checkpoint
 from trident.engine.model import LlamaModel
 from trident.engine.pruning.apply import apply_plan
+from trident.engine.pruning.depth import (DEPTH_BUDGETS, DEPTH_COMPENSATIONS, budgets_for, collect_run_moments,
+                                          depth_plan, rank_layers, sweep_runs)
 from trident.engine.pruning.heal import heal, layer_tensors
 from trident.engine.pruning.plan import HEAD_UNITS, LayerPlan, PruningPlan
 from trident.engine.pruning.reconstruct import COMPENSATIONS, refit_columns
@@ -266,8 +269,14 @@ def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[
 def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int = 4096, window: int = 512,
               out_dir: Path | None = None, dtype: str = "float32", heal_steps: int = 0,
               heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4,
-              compensation: str = "least-squares", head_unit: str = "head") -> dict:
-    """Collect statistics, write importance.json and the width sweep + named profiles; returns a report.
+              compensation: str = "least-squares", head_unit: str = "head",
+              depth_compensation: str = "least-squares", heal_depths: tuple[int, ...] = ()) -> dict:
+    """Collect statistics, write importance.json, the width and depth sweeps and the named
+    profiles (chosen among width plans); returns a report.
+
+    Depth: `depth-N.json` drops the N layers of lowest Block Influence for every N of DEPTH_BUDGETS
+    below the model's layer count, compensated by `depth_compensation` (engine.pruning.depth);
+    with heal_steps > 0 the budgets in `heal_depths` are healed like width plans.
 
     head_unit: "head" drops single query heads, "group" whole KV groups (width_plan).
 
@@ -288,12 +297,21 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
     unknown = [b for b in heal_budgets if not any(math.isclose(b, w) for w in WIDTH_BUDGETS)]
     if heal_steps > 0 and unknown:
         raise ValueError(f"heal budgets {unknown} are not among the width budgets {list(WIDTH_BUDGETS)}")
+    if depth_compensation not in DEPTH_COMPENSATIONS:
+        raise ValueError(f"depth compensation must be one of {DEPTH_COMPENSATIONS}, got {depth_compensation!r}")
+    if heal_steps > 0 and set(heal_depths) - set(DEPTH_BUDGETS):
+        raise ValueError(f"heal depths {sorted(set(heal_depths) - set(DEPTH_BUDGETS))} are not among the depth "
+                         f"budgets {list(DEPTH_BUDGETS)}")
     if not Path(data).is_file():
         raise ValueError(f"calibration data {data} is not a file")
     # Prefix caching off: windows that share leading blocks must still each run in full.
     base = EngineConfig(model=model, dtype=dtype, cache=CacheConfig(enable_prefix_caching=False),
                         scheduler=SchedulerConfig(max_model_len=window + 1, max_num_batched_tokens=window))
     llm = LLM(base)
+    depths = budgets_for(llm.engine.model_config.num_layers)
+    if heal_steps > 0 and set(heal_depths) - set(depths):
+        raise ValueError(f"heal depths {sorted(set(heal_depths) - set(depths))} leave no layer of "
+                         f"{llm.engine.model_config.num_layers}")
     text = Path(data).read_text()
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < num_tokens + eval_tokens:
@@ -325,22 +343,37 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
     dense_plan.model["digest"] = digest
     dense_plan.save(out_dir / "dense.json")
     sweep = [{"plan": "dense", "width_fraction": 0.0, "perplexity": dense_ppl, "path": str(out_dir / "dense.json")}]
-    for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
-        plan, tensors = width_plan(imp, llm, fraction, f"width-{fraction:.2f}",
-                                   stats if compensation == "least-squares" else None, head_unit)
+
+    def finish(plan: PruningPlan, tensors: dict[str, torch.Tensor], point: dict, heal_it: bool) -> dict:
+        """Write `plan` (with its refit tensors, healed if `heal_it`) and measure it on held-out text."""
         plan.base_dir = out_dir
         plan.model["digest"] = digest
         if tensors:
             save_file(tensors, str(out_dir / f"{plan.name}.safetensors"))
             plan.weights = f"{plan.name}.safetensors"
-        point = {"plan": plan.name, "width_fraction": fraction, "compensation": compensation, "head_unit": head_unit}
-        if heal_steps > 0 and any(math.isclose(fraction, b) for b in heal_budgets):
+        if heal_it:
             point["healing"] = heal_plan(plan, llm.engine.model, model, heal_windows, heal_steps, heal_lr,
                                          out_dir, val_windows)
         path = out_dir / f"{plan.name}.json"
         plan.save(path)
         pruned = LLM(EngineConfig(model=model, dtype=dtype, plan=str(path), cache=base.cache, scheduler=base.scheduler))
-        sweep.append({**point, "perplexity": perplexity(pruned, held_out), "path": str(path)})
+        return {**point, "perplexity": perplexity(pruned, held_out), "path": str(path)}
+
+    for fraction in tqdm(WIDTH_BUDGETS, desc="evaluating width budgets"):
+        plan, tensors = width_plan(imp, llm, fraction, f"width-{fraction:.2f}",
+                                   stats if compensation == "least-squares" else None, head_unit)
+        point = {"plan": plan.name, "width_fraction": fraction, "compensation": compensation, "head_unit": head_unit}
+        heal_it = heal_steps > 0 and any(math.isclose(fraction, b) for b in heal_budgets)
+        sweep.append(finish(plan, tensors, point, heal_it))
+    order = rank_layers(imp)
+    depth_stats = collect_run_moments(llm, calib, sweep_runs(order, depths))
+    depth_sweep = []
+    for n in tqdm(depths, desc="evaluating depth budgets"):
+        plan, tensors, runs = depth_plan(imp, llm, n, f"depth-{n}", depth_compensation,
+                                         [st.ffn_in for st in stats], depth_stats)
+        point = {"plan": plan.name, "layers_dropped": n, "dropped": sorted(order[:n]),
+                 "compensation": depth_compensation, "runs": runs}
+        depth_sweep.append(finish(plan, tensors, point, heal_steps > 0 and n in heal_depths))
     profiles = {}
     for profile, limit in PROFILE_LIMITS.items():
         ok = [p for p in sweep if p["perplexity"] <= limit * dense_ppl]
@@ -351,6 +384,6 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
         profiles[profile] = best["plan"]
     report = {"model": llm.engine.model_name, "calibration_tokens": sum(map(len, calib)),
               "eval_tokens": sum(map(len, held_out)), "dense_perplexity": dense_ppl, "sweep": sweep,
-              "profiles": profiles, "out_dir": str(out_dir)}
+              "layer_order": order, "depth_sweep": depth_sweep, "profiles": profiles, "out_dir": str(out_dir)}
     (out_dir / "calibration.json").write_text(json.dumps(report, indent=1))
     return report
