@@ -186,6 +186,11 @@ class PruningPlan:
         group = config.num_heads // config.num_kv_heads
         for i, layer in enumerate(self.layers):
             where = f"layer {i}"
+            if not layer.keep:
+                # A dropped layer has no weights for width lists, biases or an exit to act on.
+                for name in ("kept_q_heads", "kept_kv_heads", "kept_ffn_channels", "attn_bias", "ffn_bias", "exit"):
+                    if getattr(layer, name) is not None:
+                        raise PlanError(f"{where} is dropped (keep: false) but sets {name!r}, which would be ignored")
             _check_indices(layer.kept_q_heads, config.num_heads, f"{where}: query head")
             _check_indices(layer.kept_kv_heads, config.num_kv_heads, f"{where}: KV head")
             _check_indices(layer.kept_ffn_channels, config.intermediate_size, f"{where}: FFN channel")
