@@ -1,8 +1,10 @@
-"""In-process width sweep: quality against measured speed for every width plan of a calibration.
+"""In-process plan sweep: quality against measured speed for the plans of a calibration.
 
     python -m trident.bench.quality width-sweep [--model smollm2-135m-instruct] [--plans-dir DIR]
+    python -m trident.bench.quality width-sweep --plans depth-1,depth-2,... --name depth_sweep
 
-For dense and each `width-*.json` plan written by `trident calibrate`: perplexity on the held-out
+For dense and each `width-*.json` plan written by `trident calibrate` (or the `--plans` named,
+width or depth alike): perplexity on the held-out
 end of WikiText-2 (calibration reads the start), greedy token agreement with dense on the last
 `--num-prompts` Alpaca tasks (instruction and input), and prefill, batch decode and
 single-sequence decode tok/s measured in this same run. All plans' engines are loaded at once and
@@ -146,8 +148,8 @@ def calibration_report(plan: str | None) -> dict | None:
 def heal_steps(plan: str | None) -> int:
     """Distillation steps that healed `plan`, from its calibration report (0: not healed, or no
     record; every least-squares plan has a weights file, so the file alone does not tell)."""
-    report = calibration_report(plan)
-    entries = [p for p in report["sweep"] if p["plan"] == Path(plan).stem] if report else []
+    report = calibration_report(plan) or {}
+    entries = [p for p in report.get("sweep", []) + report.get("depth_sweep", []) if p["plan"] == Path(plan).stem]
     return entries[0]["healing"]["steps"] if entries and "healing" in entries[0] else 0
 
 
@@ -217,7 +219,7 @@ def plot(points: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Width pruning: quality vs speed (labels: plan, * if healed, and greedy agreement with dense)")
+    fig.suptitle("Pruning plans: quality vs speed (labels: plan, * if healed, and greedy agreement with dense)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=positive_int, default=3,
                     help="timing rounds over all plans; each figure is the median of its rounds")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/width"))
+    ap.add_argument("--name", default="width_sweep",
+                    help="file name of the table, JSON and plot in --output-dir (default %(default)s)")
     args = ap.parse_args(argv)
     if not 2 <= args.window <= args.eval_tokens:
         ap.error(f"--window must be 2..--eval-tokens ({args.eval_tokens})")
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = require_data_file(args.data_dir, WIKITEXT_FILE).read_text()
         tasks = load_alpaca(require_data_file(args.data_dir, ALPACA_FILE))
-        require_writable(args.output_dir / "width_sweep.json")     # before the measurements, not after
+        require_writable(args.output_dir / f"{args.name}.json")     # before the measurements, not after
     except OSError as e:        # FileNotFoundError from require_data_file, or an unwritable output dir
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -313,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{p['single_decode_tok_s_vs_dense']:.2f}x |")
     table = "\n".join(rows) + "\n"
     print(table)
-    (args.output_dir / "width_sweep.md").write_text(table)
-    (args.output_dir / "width_sweep.json").write_text(json.dumps(
+    (args.output_dir / f"{args.name}.md").write_text(table)
+    (args.output_dir / f"{args.name}.json").write_text(json.dumps(
         {"command": "python -m trident.bench.quality width-sweep " + " ".join(argv or []), "points": points}, indent=1))
-    plot(points, args.output_dir / "width_sweep.png")
-    print(f"wrote {args.output_dir}/width_sweep.{{md,json,png}}")
+    plot(points, args.output_dir / f"{args.name}.png")
+    print(f"wrote {args.output_dir}/{args.name}.{{md,json,png}}")
     return 0
