@@ -57,8 +57,21 @@ def _unicode_error(value: Any, where: str = "") -> str | None:
     return None
 
 
+def _optional_fields_are_nullable(schema: dict, model: type[BaseModel]) -> None:
+    """The JSON schema says what `_null_means_default` does: an optional field may be null."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or prop.get("type") == "null" or {"type": "null"} in prop.get("anyOf", ()):
+            continue
+        if "anyOf" in prop:
+            prop["anyOf"].append({"type": "null"})
+        else:
+            keep = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **keep}
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_optional_fields_are_nullable)
 
     @model_validator(mode="before")
     @classmethod
