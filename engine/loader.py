@@ -149,9 +149,11 @@ def _gguf_config(reader) -> ModelConfig:
     tensor_names = {t.name for t in reader.tensors}
     vocab = field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens"))
     eos = field("tokenizer.ggml.eos_token_id")
-    scaling = None
-    if field(f"{arch}.rope.scaling.type") == "linear":
+    scaling, kind = None, field(f"{arch}.rope.scaling.type")
+    if kind == "linear":
         scaling = {"rope_type": "linear", "factor": field(f"{arch}.rope.scaling.factor")}
+    elif kind not in (None, "none"):       # e.g. yarn: running it as unscaled would be silently wrong
+        raise CheckpointError(f"GGUF rope scaling {kind!r} is not supported (supported from GGUF: linear)")
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -182,8 +184,10 @@ def _gguf_state_dict(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
             name = _GGUF_TENSOR_NAMES[t.name]
         else:
             parts = t.name.split(".")
+            if t.name == "rope_freqs.weight":
+                raise CheckpointError("Llama 3 rope scaling (rope_freqs.weight) is not supported from GGUF; "
+                                      "load the model's HF folder instead")
             if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER_NAMES:
-                # e.g. Llama 3's rope_freqs.weight: rope scaling factors this model code does not take
                 raise CheckpointError(f"GGUF tensor {t.name!r} is not supported by this loader")
             _, idx, kind, suffix = parts
             name = f"model.layers.{idx}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
