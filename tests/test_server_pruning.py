@@ -35,9 +35,15 @@ def test_usage_carries_pruning_and_metrics_split_savings(pruned_server):
                                        stream_options={"include_usage": True})
     usage = [c.usage for c in stream if c.usage is not None][-1]
     assert usage.model_extra["pruning"]["total_saved_fraction"] > 0
-    text = httpx.get(f"{pruned_server.url}/metrics").text
-    depth = [l for l in text.splitlines() if l.startswith('trident_pruning_saved_seconds_total{axis="depth"}')]
-    assert depth and float(depth[0].split()[-1]) > 0
+    # /metrics splits the savings by axis: FLOPs saved per axis add up to dense minus executed, and
+    # the seconds attributed to each axis (by FLOP share) are positive exactly where FLOPs were saved.
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in httpx.get(f"{pruned_server.url}/metrics").text.splitlines() if line.startswith("trident_")}
+    flops = {axis: samples[f'trident_pruning_saved_flops_total{{axis="{axis}"}}'] for axis in ("depth", "width", "length")}
+    seconds = {axis: samples[f'trident_pruning_saved_seconds_total{{axis="{axis}"}}'] for axis in flops}
+    assert sum(flops.values()) == pytest.approx(samples["trident_flops_dense_total"] - samples["trident_flops_executed_total"])
+    assert flops["depth"] > 0 and flops["width"] > 0 and flops["length"] == 0
+    assert seconds["depth"] > 0 and seconds["width"] > 0 and seconds["length"] == 0
 
 
 def test_bad_plan_fails_fast(tmp_path):
