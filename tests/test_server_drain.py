@@ -1,4 +1,5 @@
-"""Graceful drain: a real `trident serve` process gets SIGTERM while a stream runs and a request waits.
+"""Graceful drain: a real `trident serve` process gets SIGTERM (or SIGINT) while a stream runs and a
+request waits.
 
 With `--max-num-seqs 1` one request runs and the next waits in the engine's queue. After the signal,
 /health and new requests get OpenAI-shaped 503s; what is in flight either finishes (a long
@@ -88,12 +89,12 @@ def test_sigterm_lets_running_requests_finish(tiny_model_dir, tmp_path):
         srv.stop()
 
 
-def test_sigterm_ends_what_outlives_the_timeout(tiny_model_dir, tmp_path):
+def test_sigint_ends_what_outlives_the_timeout(tiny_model_dir, tmp_path):
     srv = RemoteServer(tiny_model_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--shutdown-timeout", "1")
     try:
         stream, queued = start_load(srv, max_tokens=480)   # seconds of decoding: outlives a 1 s drain
         signalled = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(signal.SIGINT)          # Ctrl-C drains the same way
         assert_refuses_new_work(srv)
         stream.join(30), queued.join(30)
         assert stream.status == 200 and stream.events[-1] == "[DONE]"
