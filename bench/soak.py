@@ -27,8 +27,10 @@ from pathlib import Path
 import httpx
 
 from trident.bench.launch import _healthy, free_port, stop_process, trident_command
+from trident.bench.serve import recorded_command
 
 MAX_REQUEST_BYTES = 256 * 1024
+CLIENT_TIMEOUT_S = 600.0
 PROMPTS = ["The quick brown fox", "Once upon a time", "Write a short poem about the sea.",
            "List three prime numbers:", "Explain why the sky is blue."]
 # kind -> (weight, statuses it may get). 429: the queue is full, by design of the load.
@@ -102,7 +104,9 @@ async def drive(base_url: str, seconds: float, concurrency: int, seed: int, pid:
 
     async def worker(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
-        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        # A request unanswered after CLIENT_TIMEOUT_S counts as a hang. On a busy 2-core CPU a request
+        # that waits behind a full queue of SmolLM2 generations can take minutes, not hours.
+        async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_S) as http:
             while time.monotonic() < deadline:
                 kind = rng.choices(kinds, weights)[0]
                 try:
@@ -173,7 +177,8 @@ def soak(model: str, minutes: float, concurrency: int, seed: int, server_args: l
             report["server_alive"] = process.poll() is None
         finally:
             stop_process(process)
-    report.update(command=command, concurrency=concurrency, seed=seed, minutes=minutes,
+    # recorded as `python -m ...`: the interpreter's path says nothing about the run
+    report.update(server_command=["python", *command[1:]], concurrency=concurrency, seed=seed, minutes=minutes,
                   requests=sum(sum(c.values()) for c in report["outcomes"].values()))
     report["problems"] = verdict(report, max_rss_growth) + ([] if report["server_alive"] else ["the server died"])
     return report
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     report = soak(args.model, args.minutes, args.concurrency, args.seed, args.server_args.split(), args.max_rss_growth)
+    report = {"command": recorded_command("soak", list(sys.argv[1:] if argv is None else argv)), **report}
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
