@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=positive_int, default=8)
     ap.add_argument("--decode-tokens", type=positive_int, default=32)
     ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--admission-tokens", type=positive_int, default=160,
+                    help="decode tokens of each offered sequence in the admission run")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/length-float32"))
     args = ap.parse_args(argv)
     keeps = [float(f) for f in args.prefill_keeps.split(",") if f]
@@ -241,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         by_label[label]["decode_speedup"] = decode / speeds[0][1]
 
     print("admission ...", file=sys.stderr)
-    dense_adm = admission(args, None, 160)
+    dense_adm = admission(args, None, args.admission_tokens)
     by_label["dense"].update(admitted=dense_adm["peak_decoding"], blocks_per_seq=dense_adm["blocks_per_seq"])
     for label, pruning in decode_policies:
-        adm = admission(args, pruning, 160)
+        adm = admission(args, pruning, args.admission_tokens)
         by_label[label].update(admitted=adm["peak_decoding"], blocks_per_seq=adm["blocks_per_seq"],
                                admitted_ratio=adm["peak_decoding"] / max(1, dense_adm["peak_decoding"]),
                                block_reduction=dense_adm["blocks_per_seq"] / max(adm["blocks_per_seq"], 1e-9))
