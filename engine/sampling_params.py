@@ -5,6 +5,8 @@ import math
 import numbers
 from dataclasses import dataclass, field, replace
 
+from trident.engine.pruning.length import RequestPruning
+
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5       # temperatures under this sample greedily
 
@@ -29,6 +31,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None   # same, for prompt tokens (echo + logprobs)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    pruning: RequestPruning | None = None   # per-request dynamic pruning (the `pruning` object)
 
     def __post_init__(self) -> None:
         self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop

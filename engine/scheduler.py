@@ -11,10 +11,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
 
 from trident.engine.block_manager import BlockManager
 from trident.engine.config import SchedulerConfig
 from trident.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from trident.engine.model_runner import RunnerOutput
 
 
 @dataclass
@@ -22,12 +28,16 @@ class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int        # feeds seq.token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
     sample: bool               # the chunk reaches the last known token: sample the next one
+    slots: list[int] = field(default_factory=list)   # [num_new_tokens] cache slots their K/V go to
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # (source slots, destination slots) of compacted sequences: the runner copies every layer's
+    # K/V along them, in order, before the step writes anything.
+    kv_copies: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -51,19 +61,26 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        # 0. Sequences whose evictions left their blocks fragmented move into fewer blocks.
+        for seq in self.running:
+            if seq.length.kv_budget and bm.fragmented(seq):
+                copy = bm.compact(seq)
+                if copy is not None:
+                    out.kv_copies.append(copy)
         # 1. Running sequences first, oldest first; preempt from the back when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            while not bm.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n)))
+                out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n), bm.take_slots(seq, n)))
                 budget -= n
                 i += 1
                 continue
@@ -71,17 +88,16 @@ class Scheduler:
         # 2. Admit waiting sequences while there is room (not in a step that had to preempt).
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]          # waiting sequences hold no blocks
-            seq.num_computed_tokens = self.block_manager.match_prefix(seq)
+            seq.num_computed_tokens = bm.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            if not bm.allocate(seq, n):
                 # Give back the matched prefix blocks: a waiting sequence must not pin cache space.
-                self.block_manager.free_sequence(seq)
-                seq.num_computed_tokens = 0
+                bm.free_sequence(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n)))
+            out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n), bm.take_slots(seq, n)))
             budget -= n
         return out
 
@@ -90,17 +106,46 @@ class Scheduler:
         return seq.num_computed_tokens + n == seq.num_tokens
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free_sequence(seq)
-        seq.num_computed_tokens = 0
+        self.block_manager.free_sequence(seq)        # recomputed later from its tokens, policy and all
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Account the tokens the runner computed (before new tokens are appended)."""
+    def update_after_step(self, out: SchedulerOutput, result: RunnerOutput) -> None:
+        """Apply what the runner computed and decided (before new tokens are appended): the new
+        keys join each sequence's kept list, with the depth prefill pruning gave them; evicted keys
+        leave it and their slots (and emptied blocks) go back to the block manager."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.register_full_blocks(s.seq)
+            seq = s.seq
+            first = seq.num_computed_tokens
+            seq.kv_slots.extend(s.slots)
+            seq.kv_positions.extend(range(first, first + s.num_new_tokens))
+            seq.num_computed_tokens += s.num_new_tokens
+            update = result.kv_updates.get(seq.seq_id)
+            if update is None:
+                self.block_manager.register_full_blocks(seq)
+                continue
+            if update.new_depths is not None and seq.kv_depth is None:
+                seq.kv_depth = [update.full_depth] * (len(seq.kv_slots) - s.num_new_tokens)
+            if seq.kv_depth is not None:
+                seq.kv_depth.extend(update.new_depths or [update.full_depth] * s.num_new_tokens)
+            seq.num_dropped += update.num_dropped
+            seq.kv_mass = update.mass
+            if len(update.evict):
+                self._evict(seq, update.evict)
+
+    def _evict(self, seq: Sequence, evict: list[int]) -> None:
+        gone = set(evict)
+        keep = [i for i in range(len(seq.kv_slots)) if i not in gone]
+        released = [seq.kv_slots[i] for i in evict]
+        seq.kv_slots = [seq.kv_slots[i] for i in keep]
+        seq.kv_positions = [seq.kv_positions[i] for i in keep]
+        if seq.kv_depth is not None:
+            seq.kv_depth = [seq.kv_depth[i] for i in keep]
+        if seq.kv_mass is not None:
+            seq.kv_mass = seq.kv_mass[torch.tensor(keep, dtype=torch.long)]
+        seq.num_evicted += len(evict)
+        self.block_manager.release_slots(seq, released)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """Mark seq finished and release its blocks, wherever it is (running, waiting)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trident.engine.outputs import TokenLogprobs
+from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.sampling_params import SamplingParams
 
 
@@ -30,9 +31,20 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(default_factory=list)   # prompt + generated, grows every step
-    num_computed_tokens: int = 0             # tokens whose K/V sit in the cache
+    num_computed_tokens: int = 0             # tokens fed through the model (positions 0..n-1)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of the full blocks
+    length: LengthPolicy = field(default_factory=LengthPolicy)   # this request's length-axis policy
+    # The sequence's keys in the paged cache, in increasing original position: the length axis
+    # removes entries (dropped or evicted tokens) but never renumbers them. One list serves every
+    # layer; kv_depth says how deep each key goes.
+    kv_slots: list[int] = field(default_factory=list)       # cache slot of each kept key
+    kv_positions: list[int] = field(default_factory=list)   # its original position
+    kv_depth: list[int] | None = None        # key i is in layers < kv_depth[i]; None = every key in every layer
+    kv_mass: torch.Tensor | None = None      # [len(kv_slots)] float32 attention mass accumulated (KV budget)
+    free_slots: list[int] = field(default_factory=list)     # reserved slots of the last block, not yet written
+    num_dropped: int = 0                     # prompt tokens prefill pruning kept out of deeper layers
+    num_evicted: int = 0                     # keys the KV budget evicted
     generator: torch.Generator | None = None  # per-request RNG when a seed is given
     min_tokens_banned: list[int] = field(default_factory=list)   # EOS + stop ids, masked until min_tokens
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -45,6 +57,17 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def reset_kv(self) -> None:
+        """Forget the cache contents (the block manager has taken the blocks back)."""
+        self.num_computed_tokens = 0
+        self.block_table, self.block_hashes, self.free_slots = [], [], []
+        self.kv_slots, self.kv_positions, self.kv_depth, self.kv_mass = [], [], None, None
+
+    @property
+    def prunes_length(self) -> bool:
+        """Whether the length axis may change what this sequence's blocks hold or which it keeps."""
+        return self.length.is_active
 
     @property
     def num_tokens(self) -> int:

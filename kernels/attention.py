@@ -11,63 +11,12 @@ length-pruning policy can later keep an arbitrary subset of slots without renumb
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
 from trident.kernels.backend import use_triton
+from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.launch import step_tensor
-
-
-@dataclass
-class AttentionMetadata:
-    """Per-step inputs shared by every layer. Built once by the model runner."""
-
-    slot_mapping: torch.Tensor      # [T] int64: cache slot that receives each new token's K/V
-    query_positions: torch.Tensor   # [T] int64: original position of each new token
-    query_start_loc: list[int]      # [S + 1]: new tokens of sequence s are rows [loc[s], loc[s+1])
-    key_slots: torch.Tensor         # [S, L] int64: cache slots of each sequence's keys, padded with 0
-    key_positions: torch.Tensor     # [S, L] int64: original positions of those keys, -1 for padding
-    is_decode: bool                 # every sequence has exactly one new token
-    # Tensors the kernel launchers derive from the fields above (key lengths, tile tables), built
-    # on first use and shared by every layer of the step. An entry is rebuilt when the field it
-    # came from is reassigned; fields are never edited in place.
-    derived: dict[str, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_start_loc) - 1
-
-    @staticmethod
-    def build(block_tables: list[list[int]], seq_lens: list[int], new_counts: list[int],
-              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Metadata for S sequences holding `seq_lens[s]` tokens at positions 0..len-1 (the last
-        `new_counts[s]` of them new in this step), stored through their block tables."""
-        num_seqs, max_len = len(seq_lens), max(seq_lens)
-        max_blocks = max(len(bt) for bt in block_tables)
-        table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
-        for s, bt in enumerate(block_tables):
-            table[s, :len(bt)] = torch.tensor(bt, dtype=torch.long)
-        offsets = torch.arange(block_size)
-        key_slots = (table[:, :, None] * block_size + offsets).reshape(num_seqs, -1)[:, :max_len]
-        key_positions = torch.arange(max_len).expand(num_seqs, max_len).clone()
-        lens = torch.tensor(seq_lens)
-        key_positions[key_positions >= lens[:, None]] = -1
-        key_slots = key_slots.masked_fill(key_positions < 0, 0)
-        query_positions = torch.cat([torch.arange(n - k, n) for n, k in zip(seq_lens, new_counts)])
-        seq_index = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(new_counts))
-        loc = [0]
-        for k in new_counts:
-            loc.append(loc[-1] + k)
-        return AttentionMetadata(
-            slot_mapping=key_slots[seq_index, query_positions].to(device),
-            query_positions=query_positions.to(device),
-            query_start_loc=loc,
-            key_slots=key_slots.to(device),
-            key_positions=key_positions.to(device),
-            is_decode=all(k == 1 for k in new_counts),
-        )
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -128,6 +77,37 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def key_mass_ref(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                 kept_q_heads: torch.Tensor | None, key_mass: torch.Tensor, mass_window: int = 1) -> None:
+    """key_mass[s, j] += sum over heads h and over the last `mass_window` queries i of sequence s
+    of softmax_j(scale * q[i, h] . K[j, kv(h)]) over the keys i may see (position <= its own).
+    Heads are `kept_q_heads` when given (each reads KV head h // G), else all of q's. The
+    probabilities of only those queries are materialized: [window, heads, L] per sequence."""
+    num_q_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
+    group = num_q_heads // num_kv_heads
+    heads = torch.arange(num_q_heads, device=q.device) if kept_q_heads is None else kept_q_heads.long()
+    if meta.is_decode:                      # one query per sequence: one batched product
+        keys = k_cache.index_select(0, meta.key_slots.reshape(-1)).view(*meta.key_slots.shape, num_kv_heads, head_dim)
+        keys = keys.float()[:, :, heads // group]                               # [S, L, Hk, D]
+        scores = scale * torch.einsum("shd,slhd->shl", q.float()[:, heads], keys)
+        scores = scores.masked_fill((meta.key_positions < 0)[:, None, :], float("-inf"))
+        key_mass += torch.softmax(scores, -1).nan_to_num(0.0).sum(1)
+        return
+    for s in range(meta.num_seqs):
+        lo, hi = meta.query_start_loc[s], meta.query_start_loc[s + 1]
+        if hi == lo:
+            continue
+        num_keys = int((meta.key_positions[s] >= 0).sum())
+        key_pos = meta.key_positions[s, :num_keys]
+        keys = k_cache[meta.key_slots[s, :num_keys]].float()[:, heads // group]     # [L, Hk, D]
+        last = slice(max(lo, hi - mass_window), hi)
+        queries = q[last].float()[:, heads]                                          # [W, Hk, D]
+        scores = scale * torch.einsum("whd,lhd->whl", queries, keys)
+        visible = key_pos[None, :] <= meta.query_positions[last, None]               # [W, L]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        key_mass[s, :num_keys] += torch.softmax(scores, -1).nan_to_num(0.0).sum((0, 1))
+
+
 def decode_computes_all_heads(device: torch.device | str) -> bool:
     """Whether a decode step with `kept_q_heads` on `device` computes every head of q (the CPU
     path), so honest FLOP accounting counts them all."""
@@ -155,7 +135,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.shape[0] != meta.query_start_loc[-1]:
         raise ValueError(f"q has {q.shape[0]} rows, metadata describes {meta.query_start_loc[-1]} tokens")
     triton_path = use_triton(q)
-    if not triton_path and key_mass is None:
+    if not triton_path:
+        # The output never depends on whether mass is asked for: a sequence that prunes nothing
+        # gets the same bits next to one that does.
+        if key_mass is not None:
+            key_mass_ref(q, k_cache, meta, scale, kept_q_heads, key_mass, mass_window)
         if kept_q_heads is None:
             return paged_attention_ref(q, k_cache, v_cache, meta, scale)
         if meta.is_decode:
@@ -164,7 +148,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return paged_attention_ref(q, k_cache, v_cache, meta, scale).index_select(1, kept_q_heads)
         group = q.shape[1] // k_cache.shape[1]
         return paged_attention_ref(q.index_select(1, kept_q_heads), k_cache, v_cache, meta, scale, kept_q_heads // group)
-    # Imported here: the kernel modules need triton, which the plain CPU path does not.
+    # Imported here: a CPU run never needs the kernel modules.
     if meta.is_decode:
         from trident.kernels.decode_attention import decode_attention, decode_attention_ref
         decode = decode_attention if triton_path else decode_attention_ref

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from trident.kernels.backend import tl, triton
-from trident.kernels.attention import AttentionMetadata
+from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.launch import (FLOAT_DTYPES, MIN_DOT, check, check_attention_inputs, check_tensor,
                             dot_precision, key_lens, kept_heads, num_sms, pow2_at_least, step_tensor)
 

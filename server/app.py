@@ -23,11 +23,13 @@ from trident.server.chat import ChatServer, chat_prompt_ids
 from trident.server.completions import CompletionServer
 from trident.server.context import ServerContext
 from trident.server.errors import APIError, install_error_handlers
+from trident.server.engine_stats import EngineStats
 from trident.server.limits import DEFAULT_MAX_REQUEST_BYTES, InFlight, RequestGuard, drain
-from trident.server.metrics import EngineCollector, RequestCounterMiddleware, ServerMetrics
+from trident.server.metrics import RequestCounterMiddleware, ServerMetrics
 from trident.server.openapi import error_responses, install_openapi
 from trident.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, HealthResponse,
+                                     ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ async def _start_engine(ctx: ServerContext, on_failure: Callable[[str], None] | 
     to `on_failure`."""
     try:
         await ctx.engine.start()
+        EngineStats.attach(ctx.metrics, ctx.engine, ctx.model_name)
         logger.info("engine ready: serving %s (max_model_len %d)", ctx.model_name, ctx.engine.max_model_len)
     except Exception as exc:
         ctx.start_error = f"{type(exc).__name__}: {exc}"
@@ -88,7 +91,6 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
     """
     ctx = ServerContext(engine, ServerMetrics(), served_model_name,
                         parse_message_special_tokens=parse_message_special_tokens)
-    ctx.metrics.registry.register(EngineCollector(engine))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -104,6 +106,7 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
             except Exception:
                 logger.exception("engine shutdown failed")
             ctx.close_threads()
+            ctx.metrics.close()
 
     app = FastAPI(title="Trident", summary="OpenAI-compatible pruning-aware LLM server", lifespan=lifespan)
     install_error_handlers(app)
@@ -122,7 +125,6 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
     async def metrics() -> Response:
         ready = engine.ready and not engine.errored
         ctx.metrics.engine_ready.set(1 if ready else 0)
-        ctx.metrics.engine_waiting.set(engine.num_waiting if ready else 0)
         return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
 
     @app.get("/v1/models", responses=error_responses(401, 503))

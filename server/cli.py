@@ -45,12 +45,13 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--plan", help="pruning plan: a profile (dense, balanced, aggressive) or a plan JSON file")
     add("--device", help="cpu or cuda (default: cuda when available)")
     add("--seed", type=int)
-    add("--max-model-len", type=int, help="prompt + output tokens per sequence")
+    add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's context)")
     add("--max-num-seqs", type=int, help="sequences running per step")
     add("--max-num-batched-tokens", type=int, help="tokens per step (prefill chunks + decodes)")
     add("--max-waiting", type=int, help="waiting-queue bound; beyond it requests get 429")
     add("--block-size", type=int, help="tokens per KV block")
-    add("--kv-cache-memory", type=parse_size, help="KV cache size, e.g. 1GiB (ignored with --num-kv-blocks)")
+    add("--kv-cache-memory", type=parse_size, help="KV cache size, e.g. 1GiB (ignored with --num-kv-blocks; default "
+        "1GiB, or room for 4 sequences of --max-model-len if that is more)")
     add("--num-kv-blocks", type=int, help="explicit KV block count")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="do not share KV blocks of identical prompt prefixes across requests")

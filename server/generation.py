@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -42,7 +41,6 @@ class Generation:
         self.metrics = metrics
         self.request_id = request_id
         self.params = params
-        self.arrival = time.perf_counter()
         self.finals: list[RequestOutput | None] = [None] * len(prompts)   # last output per prompt
         self._news: dict[int, RequestOutput] = {}               # prompt index -> newest unread output
         self._ends: dict[int, BaseException | None] = {}        # prompt index -> None (done) or its error
@@ -61,34 +59,20 @@ class Generation:
         self._changed.set()
 
     async def _run(self, index: int, prompt_ids: list[int]) -> None:
-        metrics, last = self.metrics, None
-        num_seen, last_time = 0, self.arrival
-        metrics.requests_running.inc()
+        timer, last = self.metrics.request(self.params.n), None
         try:
             async for last in self.engine.generate(prompt_ids, self.params, f"{self.request_id}-{index}"):
-                now = time.perf_counter()
-                if self.finals[index] is None:               # the prompt is in: count it now
-                    metrics.prompt_tokens.inc(len(prompt_ids))
-                if last.num_output_tokens > num_seen:
-                    histogram = metrics.inter_token_latency if num_seen else metrics.time_to_first_token
-                    histogram.observe(now - last_time)
-                    # Counted as they stream, so a token rate moves during long generations.
-                    metrics.generation_tokens.inc(last.num_output_tokens - num_seen)
-                    num_seen, last_time = last.num_output_tokens, now
+                timer.output(last)
                 self.finals[index] = last
                 self._put(index, last)
-            metrics.e2e_latency.observe(time.perf_counter() - self.arrival)
-            for output in last.outputs if last is not None else ():
-                metrics.requests_finished.labels(finish_reason=output.finish_reason or "unknown").inc()
+            timer.finished(last)
             self._end(index, None)
         except asyncio.CancelledError:
             if last is None or not last.finished:
-                metrics.requests_aborted.inc()
+                timer.aborted(last)
             raise
         except Exception as exc:   # handed to the consumer, which answers it
             self._end(index, exc)
-        finally:
-            metrics.requests_running.dec()
 
     async def _wait(self) -> None:
         self._changed.clear()

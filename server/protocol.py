@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_serializer,
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_serializer,
                       model_validator)
 from pydantic.types import Strict
 
+from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
 
 MAX_COMPLETION_LOGPROBS = 5    # OpenAI's bound for /v1/completions `logprobs`
@@ -96,6 +97,22 @@ class StreamOptions(_Request):
 TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
+class PruningRequest(BaseModel):
+    """The `pruning` object of a completion request: this request's dynamic pruning, on top of the
+    served plan. Unknown keys and values of the wrong type are a 400; the engine checks the rest
+    (budgets, layers, fractions) against the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: StrictStr | None = None            # "dense": no dynamic pruning; the served plan's name: its policy
+    kv_budget: StrictInt | None = None          # keys each sequence keeps in decode (sinks + recent + heavy hitters)
+    # a fraction of each prefill chunk kept after the default layer, or [[layer, fraction], ...]
+    prefill_keep: StrictFloat | StrictInt | list[tuple[StrictInt, StrictFloat | StrictInt]] | None = None
+
+    def to_engine(self) -> RequestPruning:
+        return RequestPruning(profile=self.profile, kv_budget=self.kv_budget, prefill_keep=self.prefill_keep)
+
+
 class _SamplingRequest(_Request):
     """Fields shared by completion and chat requests: OpenAI's names plus vLLM-style extras."""
 
@@ -119,6 +136,7 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list)
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    pruning: PruningRequest | None = None       # per-request dynamic pruning; usage.pruning says what ran
 
     @property
     def include_usage(self) -> bool:
@@ -140,6 +158,7 @@ class _SamplingRequest(_Request):
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            pruning=self.pruning.to_engine() if self.pruning is not None else None,
         )
 
 

@@ -193,7 +193,8 @@ def test_prompt_logprobs_survive_preemption(tiny_model_dir):
 def test_cpu_decode_attention_shares_one_mask_per_step_and_rebuilds_it_for_new_positions():
     import torch.nn.functional as F
 
-    from trident.kernels.attention import AttentionMetadata, paged_attention_ref
+    from trident.kernels.attention import paged_attention_ref
+    from trident.kernels.metadata import AttentionMetadata
 
     torch.manual_seed(0)
     block, kv_heads, group, dim = 4, 2, 3, 8

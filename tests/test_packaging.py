@@ -83,7 +83,8 @@ WITHOUT_TRITON = BLOCK_TRITON + textwrap.dedent("""
     from trident.engine.config import EngineConfig
     from trident.engine.llm import LLM
     from trident.engine.sampling_params import SamplingParams
-    from trident.kernels.attention import AttentionMetadata, paged_attention, paged_attention_ref
+    from trident.kernels.attention import paged_attention, paged_attention_ref
+    from trident.kernels.metadata import AttentionMetadata
     from trident.kernels.backend import triton_available
 
     assert not triton_available() and "triton" not in sys.modules

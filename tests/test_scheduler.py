@@ -1,6 +1,7 @@
 """Block manager and scheduler on CPU without a model: fake runner steps append tokens."""
 from trident.engine.block_manager import BlockManager
 from trident.engine.config import SchedulerConfig
+from trident.engine.model_runner import RunnerOutput
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.scheduler import Scheduler
 from trident.engine.sequence import Sequence, SequenceStatus
@@ -16,7 +17,7 @@ def make_seq(prompt_len: int, max_tokens: int = 100, first_token: int = 0, **par
 def fake_step(sched: Scheduler) -> list:
     """One engine step with a model that always emits token 7."""
     out = sched.schedule()
-    sched.update_after_step(out)
+    sched.update_after_step(out, RunnerOutput())
     for s in out.scheduled:
         if s.sample:
             s.seq.token_ids.append(7)

@@ -21,6 +21,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "tiny-test"
+MODEL_LABEL = f'{{model_name="{MODEL_NAME}"}}'       # the label set of the model's series in /metrics
 
 
 def free_port() -> int:
@@ -58,7 +59,7 @@ class RemoteServer:
         return self.log_file.read_text()[-4000:]
 
     def metric(self, name: str, labels: str = "") -> float:
-        """The value of one sample of /metrics, e.g. metric("trident_requests_aborted_total")."""
+        """The value of one sample of /metrics, e.g. metric("trident:generation_tokens_total", MODEL_LABEL)."""
         text = httpx.get(f"{self.url}/metrics").text
         match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else 0.0
@@ -282,26 +283,26 @@ def test_errors_through_the_sdk(server, client):
 
 
 def test_metrics(server, client):
-    before = server.metric("trident_generation_tokens_total")
+    before = server.metric("trident:generation_tokens_total", MODEL_LABEL)
     requests_before = server.metric("trident_http_requests_total", '{endpoint="/v1/completions",status="200"}')
     client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=7, **NO_EOS)
-    assert server.metric("trident_generation_tokens_total") == before + 7
+    assert server.metric("trident:generation_tokens_total", MODEL_LABEL) == before + 7
     assert server.metric("trident_http_requests_total",
                          '{endpoint="/v1/completions",status="200"}') == requests_before + 1
     httpx.post(f"{server.url}/v1/completions", json={"prompt": []})          # a 400 of this test's own
     assert server.metric("trident_http_requests_total", '{endpoint="/v1/completions",status="400"}') > 0
-    assert server.metric("trident_time_to_first_token_seconds_count") > 0
-    assert server.metric("trident_inter_token_latency_seconds_count") > 0
-    assert server.metric("trident_e2e_request_latency_seconds_count") > 0
+    assert server.metric("trident:time_to_first_token_seconds_count", MODEL_LABEL) > 0
+    assert server.metric("trident:inter_token_latency_seconds_count", MODEL_LABEL) > 0
+    assert server.metric("trident:e2e_request_latency_seconds_count", MODEL_LABEL) > 0
     assert server.metric("trident_engine_ready") == 1.0
-    assert server.metric("trident_requests_running") == 0.0
+    assert server.metric("trident:num_requests_running", MODEL_LABEL) == 0.0
     # Generated tokens count while a stream runs, not only when it ends.
-    before = server.metric("trident_generation_tokens_total")
+    before = server.metric("trident:generation_tokens_total", MODEL_LABEL)
     # 480 tokens take the tiny model seconds; the scrape after 5 chunks takes milliseconds.
     stream = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=480, stream=True, **NO_EOS)
     seen = 0
     for chunk in stream:
         seen += 1
         if seen == 5:
-            mid = server.metric("trident_generation_tokens_total")
-    assert before < mid < before + 480 == server.metric("trident_generation_tokens_total")
+            mid = server.metric("trident:generation_tokens_total", MODEL_LABEL)
+    assert before < mid < before + 480 == server.metric("trident:generation_tokens_total", MODEL_LABEL)

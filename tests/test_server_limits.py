@@ -18,10 +18,11 @@ from fastapi.testclient import TestClient
 from trident.engine.async_engine import AsyncEngine
 from trident.engine.config import EngineConfig
 from trident.server.app import build_app
-from tests.test_server import MODEL_NAME, PROMPT, RemoteServer
+from tests.test_server import MODEL_LABEL, MODEL_NAME, PROMPT, RemoteServer
 
 API_KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ABORTED = f'{{finished_reason="abort",model_name="{MODEL_NAME}"}}'
 LONG = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True}
 
 
@@ -83,14 +84,14 @@ def _engine_is_free(server, aborted_before: float) -> bool:
     """The server counted the abort, and the engine itself let go: no sequence running or waiting,
     every KV block back in the free list (what /health reads from the scheduler and block manager)."""
     load = httpx.get(f"{server.url}/health").json()
-    return (server.metric("trident_requests_aborted_total") == aborted_before + 1
-            and server.metric("trident_requests_running") == 0
+    return (server.metric("trident:request_success_total", ABORTED) == aborted_before + 1
+            and server.metric("trident:num_requests_running", MODEL_LABEL) == 0
             and (load["running"], load["waiting"], load["kv_blocks_used"]) == (0, 0, 0))
 
 
 def test_stream_disconnect_aborts(server):
-    aborted = server.metric("trident_requests_aborted_total")
-    tokens = server.metric("trident_generation_tokens_total")
+    aborted = server.metric("trident:request_success_total", ABORTED)
+    tokens = server.metric("trident:generation_tokens_total", MODEL_LABEL)
     with httpx.Client(headers=AUTH) as http:
         with http.stream("POST", f"{server.url}/v1/completions", json={**LONG, "stream": True}) as r:
             assert r.status_code == 200
@@ -99,19 +100,19 @@ def test_stream_disconnect_aborts(server):
                 next(events)
     # leaving the blocks closed the connection mid-stream
     assert wait_for(lambda: _engine_is_free(server, aborted)), server.log()
-    assert server.metric("trident_generation_tokens_total") - tokens < LONG["max_tokens"]
+    assert server.metric("trident:generation_tokens_total", MODEL_LABEL) - tokens < LONG["max_tokens"]
     # the single sequence slot is free again: a new request runs at once
     r = httpx.post(f"{server.url}/v1/completions", headers=AUTH, json={"prompt": PROMPT, "max_tokens": 4}, timeout=5)
     assert r.status_code == 200
 
 
 def test_non_stream_disconnect_aborts(server):
-    aborted = server.metric("trident_requests_aborted_total")
-    tokens = server.metric("trident_generation_tokens_total")
+    aborted = server.metric("trident:request_success_total", ABORTED)
+    tokens = server.metric("trident:generation_tokens_total", MODEL_LABEL)
     with pytest.raises(httpx.ReadTimeout):   # the client gives up and closes the connection
         httpx.post(f"{server.url}/v1/completions", headers=AUTH, json=LONG, timeout=0.3)
     assert wait_for(lambda: _engine_is_free(server, aborted)), server.log()
-    assert server.metric("trident_generation_tokens_total") - tokens < LONG["max_tokens"]
+    assert server.metric("trident:generation_tokens_total", MODEL_LABEL) - tokens < LONG["max_tokens"]
 
 
 def test_api_key_holds_when_the_app_is_mounted_under_a_prefix():

@@ -1,6 +1,8 @@
 """A server started with a pruning plan reports usage.pruning and per-axis savings in /metrics."""
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -37,11 +39,19 @@ def test_usage_carries_pruning_and_metrics_split_savings(pruned_server):
     assert usage.model_extra["pruning"]["total_saved_fraction"] > 0
     # /metrics splits the savings by axis: FLOPs saved per axis add up to dense minus executed, and
     # the seconds attributed to each axis (by FLOP share) are positive exactly where FLOPs were saved.
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in httpx.get(f"{pruned_server.url}/metrics").text.splitlines() if line.startswith("trident_")}
-    flops = {axis: samples[f'trident_pruning_saved_flops_total{{axis="{axis}"}}'] for axis in ("depth", "width", "length")}
-    seconds = {axis: samples[f'trident_pruning_saved_seconds_total{{axis="{axis}"}}'] for axis in flops}
-    assert sum(flops.values()) == pytest.approx(samples["trident_flops_dense_total"] - samples["trident_flops_executed_total"])
+    samples = [line.rsplit(" ", 1) for line in httpx.get(f"{pruned_server.url}/metrics").text.splitlines()
+               if line.startswith("trident:") and f'model_name="{MODEL_NAME}"' in line]
+
+    def total(name: str) -> float:
+        return sum(float(value) for key, value in samples if key.startswith(name + "{"))
+
+    def per_axis(name: str) -> dict[str, float]:
+        found = {re.search(r'axis="(\w+)"', key).group(1): float(value)
+                 for key, value in samples if key.startswith(name + "{")}
+        return {axis: found.get(axis, 0.0) for axis in ("depth", "width", "length")}
+
+    flops, seconds = per_axis("trident:flops_saved_total"), per_axis("trident:seconds_saved_total")
+    assert sum(flops.values()) == pytest.approx(total("trident:flops_dense_total") - total("trident:flops_executed_total"))
     assert flops["depth"] > 0 and flops["width"] > 0 and flops["length"] == 0
     assert seconds["depth"] > 0 and seconds["width"] > 0 and seconds["length"] == 0
 
@@ -75,3 +85,47 @@ def test_plan_that_does_not_fit_the_model_stops_the_server(tmp_path, tiny_model_
     malformed = subprocess.run([*serve, "--plan", str(tmp_path / "broken.json")], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=120)
     assert malformed.returncode == 2 and "layer 0: must be an object" in malformed.stderr
+
+
+LONG_PROMPT = ("Once upon a time there was a dragon who liked to read books in the library. The quick brown fox "
+               "jumps over the lazy dog. Write a short poem about the sea. Explain why the sky is blue.")
+
+
+def test_the_pruning_object_is_honoured_per_request(pruned_server):
+    """`pruning` changes what runs for that request only, and usage.pruning says what ran."""
+    client = openai.OpenAI(base_url=f"{pruned_server.url}/v1", api_key="unused", max_retries=0)
+    body = {"pruning": {"kv_budget": 8, "prefill_keep": [[0, 0.5]]}}
+    pruned = client.completions.create(model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=12, temperature=0,
+                                       extra_body=body)
+    length = pruned.usage.model_extra["pruning"]["length"]
+    assert length["prompt_tokens_dropped"] > 0 and length["kv_slots_evicted"] > 0 and length["kv_bytes_saved"] > 0
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": LONG_PROMPT}],
+                                          max_tokens=6, temperature=0, extra_body={"pruning": {"prefill_keep": 0.5}})
+    assert chat.usage.model_extra["pruning"]["length"]["prompt_tokens_dropped"] > 0
+    plain = client.completions.create(model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=12, temperature=0)
+    assert plain.usage.model_extra["pruning"]["length"]["kv_slots_evicted"] == 0
+    text = httpx.get(f"{pruned_server.url}/metrics").text
+    series = lambda name: [float(l.split()[-1]) for l in text.splitlines()
+                           if l.startswith(f'trident:{name}_total{{') and 'axis="length"' in l]
+    assert series("flops_saved") and series("flops_saved")[0] != 0
+    assert series("prompt_tokens_dropped")[0] >= length["prompt_tokens_dropped"] > 0
+    assert series("kv_slots_evicted")[0] >= length["kv_slots_evicted"] > 0
+    assert series("kv_bytes_saved")[0] > 0
+
+
+@pytest.mark.parametrize("pruning, message", [
+    ({"kv_budgett": 8}, "kv_budgett"),
+    ({"kv_budget": "8"}, "kv_budget"),
+    ({"kv_budget": 2}, "at least"),
+    ({"prefill_keep": 1.5}, "fraction"),
+    ({"prefill_keep": [[99, 0.5]]}, "layer"),
+    ({"prefill_keep": [[3, 0.5]]}, "dropped by the plan"),
+    ({"profile": "aggressive"}, "not served here"),
+    ("balanced", "pruning"),
+])
+def test_bad_pruning_objects_get_a_400_naming_the_problem(pruned_server, pruning, message):
+    for path, body in (("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})):
+        reply = httpx.post(f"{pruned_server.url}{path}", json={**body, "pruning": pruning}, timeout=30)
+        assert reply.status_code == 400, reply.text
+        assert message in reply.json()["error"]["message"], reply.text

@@ -25,12 +25,19 @@ class FlopCount:
     executed: float = 0.0
     dense: float = 0.0
     saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(AXES, 0.0))
+    # Length-axis counts next to the FLOPs they saved.
+    prompt_tokens_dropped: int = 0      # prompt rows prefill pruning kept out of deeper layers
+    kv_slots_evicted: int = 0           # keys a KV budget evicted
+    kv_bytes_saved: float = 0.0         # K/V bytes those tokens do not occupy (dropped: in deeper layers)
 
     def add(self, other: "FlopCount") -> None:
         self.executed += other.executed
         self.dense += other.dense
         for axis in AXES:
             self.saved[axis] += other.saved[axis]
+        self.prompt_tokens_dropped += other.prompt_tokens_dropped
+        self.kv_slots_evicted += other.kv_slots_evicted
+        self.kv_bytes_saved += other.kv_bytes_saved
 
     def summary(self) -> dict:
         """The `usage.pruning` object: executed vs dense FLOPs and the saved fraction per axis."""
@@ -41,11 +48,16 @@ class FlopCount:
             "saved_flops": dict(self.saved),
             "saved_fraction": {axis: self.saved[axis] / dense for axis in AXES},
             "total_saved_fraction": 1.0 - self.executed / dense,
+            "length": {"prompt_tokens_dropped": self.prompt_tokens_dropped,
+                       "kv_slots_evicted": self.kv_slots_evicted, "kv_bytes_saved": self.kv_bytes_saved},
         }
 
     @classmethod
     def from_summary(cls, summary: dict) -> "FlopCount":
-        return cls(summary["executed_flops"], summary["dense_flops"], dict(summary["saved_flops"]))
+        length = summary.get("length", {})
+        return cls(summary["executed_flops"], summary["dense_flops"], dict(summary["saved_flops"]),
+                   length.get("prompt_tokens_dropped", 0), length.get("kv_slots_evicted", 0),
+                   length.get("kv_bytes_saved", 0.0))
 
 
 def merge_summaries(summaries: list[dict]) -> dict:
@@ -87,6 +99,11 @@ class FlopCounter:
         self.depth_linear = self._linear(dense_shape) * dropped
         self.depth_attn_coef = 4 * config.num_heads * d * dropped
         self.lm_head = 2 * h * config.vocab_size
+        # Per original layer index (0 for a dropped layer), for steps whose rows or keys change
+        # between layers (the length axis).
+        self.layer_linear = [self._linear(s) if s else 0 for s in shapes]
+        self.layer_heads = [s.num_heads if s else 0 for s in shapes]
+        self.layer_decode_heads = [(s.decode_attention_heads or s.num_heads) if s else 0 for s in shapes]
 
     def _linear(self, s: LayerShape) -> int:
         h, d = self.config.hidden_size, self.config.head_dim
@@ -114,3 +131,26 @@ class FlopCounter:
         length = attn_coef * (context_sum - attended)
         width = dense - executed - depth - length
         return FlopCount(executed, dense, {"depth": depth, "width": width, "length": length})
+
+    def step_segments(self, segments: list[tuple[int, int, int, float, float, int]], num_new_tokens: int,
+                      context_end: int, num_logit_rows: int, decode: bool = False,
+                      batch_keys: int | None = None) -> FlopCount:
+        """FLOPs of one length-pruned sequence's step, whose rows and keys changed between layers.
+
+        segments: per stretch of layers, (first layer, last layer, rows, attended keys summed over
+        those rows, scored (query, key) pairs per scored layer, scored layers). Scoring (the key
+        mass for prefill dropping and KV budgets) counts as executed, against the length axis.
+        """
+        d = self.config.head_dim
+        heads = self.layer_decode_heads if decode else self.layer_heads
+        executed = num_logit_rows * self.lm_head
+        for first, last, rows, attended, scored_pairs, scored_layers in segments:
+            layers = range(first, last + 1)
+            executed += rows * sum(self.layer_linear[i] for i in layers)
+            executed += 4 * d * attended * sum(heads[i] for i in layers)
+            executed += 2 * d * scored_pairs * scored_layers * max(heads[i] for i in layers) if scored_layers else 0
+        full = self.step(num_new_tokens, context_end, num_logit_rows, decode=decode, batch_keys=batch_keys)
+        unpruned_length = full.executed                   # this model without the length axis
+        saved = dict(full.saved)
+        saved["length"] = unpruned_length - executed
+        return FlopCount(executed, full.dense, saved)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trident.engine.model import LlamaModel
-from trident.kernels.attention import AttentionMetadata
+from trident.kernels.metadata import AttentionMetadata
 
 BLOCK_SIZE = 16
 

@@ -58,10 +58,24 @@ class LayerPlan:
 
 @dataclass
 class LengthPolicy:
+    """The length axis (engine/pruning/length.py runs it). Prefill: after layer m, only a fraction
+    of each prefill chunk's tokens go on to deeper layers. Decode: a KV budget per sequence."""
+
     prefill_keep: list[tuple[int, float]] = field(default_factory=list)  # (after layer m, fraction of tokens kept)
     decode_sinks: int = 0                          # decode KV budget: first tokens always kept
     decode_recent: int = 0                         # ... most recent tokens kept
     decode_heavy: int = 0                          # ... heavy hitters kept; all three 0 = no eviction
+    window: int = 32                               # last queries of a chunk whose attention mass scores keys
+    prefill_sinks: int = 4                         # first prompt tokens prefill dropping always keeps
+
+    @property
+    def kv_budget(self) -> int:
+        """Keys a sequence keeps after each step; 0 = no eviction."""
+        return self.decode_sinks + self.decode_recent + self.decode_heavy
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self.prefill_keep) or self.kv_budget > 0
 
 
 @dataclass
@@ -190,10 +204,10 @@ class PruningPlan:
                     and len(layer.exit.probe_weight) != config.hidden_size:
                 raise PlanError(f"{where}: exit probe has {len(layer.exit.probe_weight)} weights, "
                                 f"hidden size is {config.hidden_size}")
-        for m, frac in self.length.prefill_keep:
-            if not 0 <= m < config.num_layers or not 0 < frac <= 1:
-                raise PlanError(f"prefill_keep entry ({m}, {frac}) needs a layer in [0, {config.num_layers}) "
-                                f"and a fraction in (0, 1]")
+        try:
+            check_length_policy(self.length, config.num_layers, [layer.keep for layer in self.layers])
+        except ValueError as e:
+            raise PlanError(f"plan {self.name!r}: {e}") from e
 
     def kv_heads_of(self, i: int, config: ModelConfig) -> list[int]:
         """KV heads layer i keeps: the explicit list, or those its kept query heads use."""
@@ -204,6 +218,27 @@ class PruningPlan:
             return list(range(config.num_kv_heads))
         group = config.num_heads // config.num_kv_heads
         return sorted({h // group for h in layer.kept_q_heads})
+
+
+def check_length_policy(policy: LengthPolicy, num_layers: int, kept_layers: list[bool] | None = None) -> None:
+    """ValueError naming the first part of a length policy that cannot run on this model."""
+    last = -1
+    for m, frac in policy.prefill_keep:
+        if not 0 <= m < num_layers or not 0 < frac <= 1:
+            raise ValueError(f"prefill_keep entry ({m}, {frac}) needs a layer in [0, {num_layers}) and a "
+                             f"fraction in (0, 1]")
+        if m <= last:
+            raise ValueError(f"prefill_keep layers must increase, got {m} after {last}")
+        if kept_layers is not None and not kept_layers[m]:
+            raise ValueError(f"prefill_keep layer {m} is dropped by the plan; prune after a layer it keeps")
+        last = m
+    fractions = [frac for _, frac in policy.prefill_keep]
+    if fractions != sorted(fractions, reverse=True):
+        raise ValueError(f"prefill_keep fractions must not increase with depth, got {fractions}")
+    if policy.kv_budget and policy.decode_recent < 1:
+        raise ValueError("a KV budget needs decode_recent >= 1: the newest token is always kept")
+    if policy.window < 1 or policy.prefill_sinks < 0:
+        raise ValueError(f"window must be >= 1 and prefill_sinks >= 0, got {policy.window}, {policy.prefill_sinks}")
 
 
 def _check_indices(indices: list[int] | None, limit: int, what: str) -> None:
@@ -270,8 +305,8 @@ def _length_from_json(raw) -> LengthPolicy:
     if unknown:
         raise PlanError(f"length policy: unknown field {unknown[0]!r}")
     budget = {}
-    for name in ("decode_sinks", "decode_recent", "decode_heavy"):
-        value = raw.get(name, 0)
+    for name in ("decode_sinks", "decode_recent", "decode_heavy", "window", "prefill_sinks"):
+        value = raw.get(name, LengthPolicy.__dataclass_fields__[name].default)
         if not _is_int(value) or value < 0:
             raise PlanError(f"length policy: {name!r} must be a token count >= 0, got {value!r}")
         budget[name] = value

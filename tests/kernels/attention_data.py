@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trident.kernels.attention import AttentionMetadata
+from trident.kernels.metadata import AttentionMetadata, keep_keys
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 
@@ -48,22 +48,13 @@ def prune_keys(meta: AttentionMetadata, keep: float, shuffle: bool, empty_seq: i
     """Keep a random `keep` fraction of each sequence's keys (original positions kept), optionally
     in shuffled order; sequence `empty_seq` keeps none."""
     gen = torch.Generator().manual_seed(seed)
-    rows_slots, rows_pos = [], []
+    kept = []
     for s in range(meta.num_seqs):
         real = (meta.key_positions[s] >= 0).nonzero().squeeze(1)
         chosen = real[torch.randperm(len(real), generator=gen)[:max(1, round(keep * len(real)))]]
         chosen = chosen if shuffle else chosen.sort().values
-        if s == empty_seq:
-            chosen = chosen[:0]
-        rows_slots.append(meta.key_slots[s, chosen])
-        rows_pos.append(meta.key_positions[s, chosen])
-    width = max(len(r) for r in rows_slots)
-    key_slots = torch.zeros(meta.num_seqs, width, dtype=torch.long)
-    key_positions = torch.full((meta.num_seqs, width), -1, dtype=torch.long)
-    for s, (slots, pos) in enumerate(zip(rows_slots, rows_pos)):
-        key_slots[s, :len(slots)], key_positions[s, :len(pos)] = slots, pos
-    return AttentionMetadata(meta.slot_mapping, meta.query_positions, meta.query_start_loc,
-                             key_slots, key_positions, meta.is_decode)
+        kept.append(chosen[:0] if s == empty_seq else chosen)
+    return keep_keys(meta, kept)
 
 
 def dense_attention(batch: Batch, scale: float) -> torch.Tensor:
