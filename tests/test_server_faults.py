@@ -17,7 +17,7 @@ from trident.engine.outputs import CompletionOutput, RequestOutput
 from trident.engine.sampling_params import SamplingParams
 from trident.server.app import build_app
 from trident.server.generation import Generation
-from trident.server.metrics import ServerMetrics
+from trident.server.metrics import ServerMetrics, plan_labels
 
 BODY = {"prompt": "The quick brown fox", "max_tokens": 400, "ignore_eos": True}
 
@@ -99,7 +99,9 @@ def test_a_reader_that_stops_holds_one_output_per_prompt():
 
     async def run() -> tuple[int, int, str]:
         engine = FastEngine(2000)
-        generation = Generation(engine, ServerMetrics(), "cmpl-x", [[1, 2], [3]], SamplingParams(max_tokens=2000))
+        metrics = ServerMetrics()     # bound to the model as a started engine binds it; requests come after
+        metrics.bind("fast", max_model_len=4096, num_layers=1, plan_info=plan_labels(None, None))
+        generation = Generation(engine, metrics, "cmpl-x", [[1, 2], [3]], SamplingParams(max_tokens=2000))
         await generation.start()
         while engine.produced < 2000 or not all(t.done() for t in generation._tasks):
             await asyncio.sleep(0.01)
