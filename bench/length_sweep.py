@@ -178,6 +178,31 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(result: dict) -> str:
+    """The sweep's rows as a Markdown table (quality next to every speed and memory figure)."""
+    def cell(row: dict, key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "" if value is None else format(value, fmt)
+
+    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['context']}-token contexts, "
+             f"{result['continuation']}-token teacher-forced continuations over {result['passages']} passages; "
+             f"{result['streams']}-stream decode; admission in {result['kv_cache_blocks_admission']} KV blocks.",
+             "",
+             "| policy | perplexity | vs dense | token agreement | greedy agreement | TTFT speedup "
+             "| decode speedup | KV blocks / seq | fewer blocks | admitted |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append("| " + " | ".join([
+            row["policy"], cell(row, "perplexity", ".2f"), cell(row, "perplexity_ratio", ".3f") or "1",
+            cell(row, "token_agreement", ".3f"), cell(row, "greedy_agreement", ".3f"),
+            cell(row, "ttft_speedup", ".2f") + "x" * (row.get("ttft_speedup") is not None),
+            cell(row, "decode_speedup", ".2f") + "x" * (row.get("decode_speedup") is not None),
+            cell(row, "blocks_per_seq", ".1f"),
+            cell(row, "block_reduction", ".1f") + "x" * (row.get("block_reduction") is not None),
+            cell(row, "admitted", "d")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="trident.bench.length_sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,11 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=positive_int, default=8)
     ap.add_argument("--decode-tokens", type=positive_int, default=32)
     ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--admission-tokens", type=positive_int, default=160,
+                    help="decode tokens of each offered sequence in the admission run")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/length-float32"))
     args = ap.parse_args(argv)
     keeps = [float(f) for f in args.prefill_keeps.split(",") if f]
     budgets = [int(b) for b in args.budgets.split(",") if b]
-    for name in ("length_sweep.json", "length_sweep.png"):
+    for name in ("length_sweep.json", "length_sweep.md", "length_sweep.png"):
         require_writable(args.output_dir / name)
     torch.manual_seed(0)
 
@@ -241,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         by_label[label]["decode_speedup"] = decode / speeds[0][1]
 
     print("admission ...", file=sys.stderr)
-    dense_adm = admission(args, None, 160)
+    dense_adm = admission(args, None, args.admission_tokens)
     by_label["dense"].update(admitted=dense_adm["peak_decoding"], blocks_per_seq=dense_adm["blocks_per_seq"])
     for label, pruning in decode_policies:
-        adm = admission(args, pruning, 160)
+        adm = admission(args, pruning, args.admission_tokens)
         by_label[label].update(admitted=adm["peak_decoding"], blocks_per_seq=adm["blocks_per_seq"],
                                admitted_ratio=adm["peak_decoding"] / max(1, dense_adm["peak_decoding"]),
                                block_reduction=dense_adm["blocks_per_seq"] / max(adm["blocks_per_seq"], 1e-9))
@@ -255,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
               "passages": args.passages, "streams": args.streams, "kv_cache_blocks_admission": dense_adm["num_blocks"],
               "rows": rows}
     (args.output_dir / "length_sweep.json").write_text(json.dumps(result, indent=1))
+    (args.output_dir / "length_sweep.md").write_text(markdown_table(result))
     plot(rows, args.output_dir / "length_sweep.png")
     print(json.dumps(rows, indent=1))
     return 0

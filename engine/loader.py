@@ -76,6 +76,16 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         raise CheckpointError(f"unsupported model_type {cfg.get('model_type')!r} (supported: llama, mistral, qwen2)")
     eos = cfg.get("eos_token_id")
     heads = cfg["num_attention_heads"]
+    # transformers 5 writes rope scaling under `rope_parameters` only (with rope_theta beside it)
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    max_positions = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False else None
+    if window and window < max_positions:
+        # The model code attends to the whole context: past the window it would be silently wrong.
+        log.warning("capping the context at the sliding window of %d tokens (max_position_embeddings %d)",
+                    window, max_positions)
+        max_positions = window
     return ModelConfig(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -85,9 +95,9 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        rope_scaling=cfg.get("rope_scaling"),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rope_theta=cfg.get("rope_theta", params.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
         bos_token_id=cfg.get("bos_token_id"),
@@ -149,9 +159,11 @@ def _gguf_config(reader) -> ModelConfig:
     tensor_names = {t.name for t in reader.tensors}
     vocab = field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens"))
     eos = field("tokenizer.ggml.eos_token_id")
-    scaling = None
-    if field(f"{arch}.rope.scaling.type") == "linear":
+    scaling, kind = None, field(f"{arch}.rope.scaling.type")
+    if kind == "linear":
         scaling = {"rope_type": "linear", "factor": field(f"{arch}.rope.scaling.factor")}
+    elif kind not in (None, "none"):       # e.g. yarn: running it as unscaled would be silently wrong
+        raise CheckpointError(f"GGUF rope scaling {kind!r} is not supported (supported from GGUF: linear)")
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -182,8 +194,10 @@ def _gguf_state_dict(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
             name = _GGUF_TENSOR_NAMES[t.name]
         else:
             parts = t.name.split(".")
+            if t.name == "rope_freqs.weight":
+                raise CheckpointError("Llama 3 rope scaling (rope_freqs.weight) is not supported from GGUF; "
+                                      "load the model's HF folder instead")
             if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER_NAMES:
-                # e.g. Llama 3's rope_freqs.weight: rope scaling factors this model code does not take
                 raise CheckpointError(f"GGUF tensor {t.name!r} is not supported by this loader")
             _, idx, kind, suffix = parts
             name = f"model.layers.{idx}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"

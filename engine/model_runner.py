@@ -145,12 +145,22 @@ class ModelRunner:
                 out.kv_updates[s.seq.seq_id] = update
                 count.prompt_tokens_dropped = update.num_dropped
                 count.kv_slots_evicted = len(update.evict)
-                dropped_bytes = sum(self.bytes_from[d] for d in update.new_depths or ())
-                count.kv_bytes_saved = dropped_bytes + len(update.evict) * self.bytes_from[0]
+                count.kv_bytes_saved = self._bytes_saved(s.seq, update)
             out.flops[s.seq.seq_id] = count
             out.step_flops.add(count)
         out.step_time = time.perf_counter() - start
         return out
+
+    def _bytes_saved(self, seq, update: KvUpdate) -> float:
+        """K/V bytes this step's decisions keep out of the cache: the deeper layers of dropped
+        rows, and what evicted keys held (a dropped-then-evicted key only its shallow layers)."""
+        full = self.bytes_from[0]
+        dropped = sum(self.bytes_from[d] for d in update.new_depths or ())
+        if not update.evict:
+            return dropped
+        depths = (seq.kv_depth or [self.num_layers] * len(seq.kv_slots)) + \
+            (update.new_depths or [self.num_layers] * (len(update.mass) - len(seq.kv_slots)))
+        return dropped + sum(full - self.bytes_from[depths[i]] for i in update.evict)
 
     def _step_pruning(self, sched: SchedulerOutput, slots: list[list[int]],
                       positions: list[list[int]]) -> StepPruning | None:

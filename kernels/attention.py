@@ -86,12 +86,17 @@ def key_mass_ref(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata
     num_q_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
     group = num_q_heads // num_kv_heads
     heads = torch.arange(num_q_heads, device=q.device) if kept_q_heads is None else kept_q_heads.long()
-    if meta.is_decode:                      # one query per sequence: one batched product
+    if meta.is_decode:
+        # One query per sequence: one batched product per KV head, its query group folded into
+        # the query axis, so no key is copied once per query head.
+        num_seqs = meta.key_slots.shape[0]
         keys = k_cache.index_select(0, meta.key_slots.reshape(-1)).view(*meta.key_slots.shape, num_kv_heads, head_dim)
-        keys = keys.float()[:, :, heads // group]                               # [S, L, Hk, D]
-        scores = scale * torch.einsum("shd,slhd->shl", q.float()[:, heads], keys)
-        scores = scores.masked_fill((meta.key_positions < 0)[:, None, :], float("-inf"))
-        key_mass += torch.softmax(scores, -1).nan_to_num(0.0).sum(1)
+        keys = keys.float().permute(0, 2, 3, 1)                                      # [S, Hkv, D, L]
+        queries = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+        scores = torch.matmul(queries, keys).mul_(scale)                             # [S, Hkv, G, L]
+        scores.masked_fill_((meta.key_positions < 0)[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, -1).nan_to_num_(0.0).view(num_seqs, num_q_heads, -1)
+        key_mass += (probs if kept_q_heads is None else probs.index_select(1, heads)).sum(1)
         return
     for s in range(meta.num_seqs):
         lo, hi = meta.query_start_loc[s], meta.query_start_loc[s + 1]

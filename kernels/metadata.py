@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -44,25 +45,25 @@ class AttentionMetadata:
         if any(len(p) != n for p, n in zip(key_positions, lens)) or any(not 0 <= k <= n for k, n in zip(num_new, lens)):
             raise ValueError("each sequence needs one position per slot and at most that many new tokens")
         width = max(lens, default=0)
-        flat_slots = torch.tensor([s for row in key_slots for s in row], dtype=torch.long)
-        flat_positions = torch.tensor([p for row in key_positions for p in row], dtype=torch.long)
-        row_of = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(lens, dtype=torch.long))
-        starts = torch.tensor([0] + lens[:-1], dtype=torch.long).cumsum(0) if num_seqs else torch.zeros(0, dtype=torch.long)
-        col_of = torch.arange(len(flat_slots)) - starts[row_of]
-        slots = torch.zeros(num_seqs, width, dtype=torch.long)
-        positions = torch.full((num_seqs, width), -1, dtype=torch.long)
-        slots[row_of, col_of] = flat_slots
-        positions[row_of, col_of] = flat_positions
-        is_new = col_of >= (torch.tensor(lens, dtype=torch.long) - torch.tensor(num_new, dtype=torch.long))[row_of]
+        # Filled row by row in numpy: a handful of small copies, no parallel torch ops (whose
+        # thread start-up costs more than the copy at these sizes).
+        slots = np.zeros((num_seqs, width), dtype=np.int64)
+        positions = np.full((num_seqs, width), -1, dtype=np.int64)
+        new_slots, new_positions = [], []
+        for s, (row_slots, row_positions, n, k) in enumerate(zip(key_slots, key_positions, lens, num_new)):
+            slots[s, :n] = row_slots
+            positions[s, :n] = row_positions
+            new_slots.extend(row_slots[n - k:])
+            new_positions.extend(row_positions[n - k:])
         loc = [0]
         for k in num_new:
             loc.append(loc[-1] + k)
         return AttentionMetadata(
-            slot_mapping=flat_slots[is_new].to(device),
-            query_positions=flat_positions[is_new].to(device),
+            slot_mapping=torch.tensor(new_slots, dtype=torch.long, device=device),
+            query_positions=torch.tensor(new_positions, dtype=torch.long, device=device),
             query_start_loc=loc,
-            key_slots=slots.to(device),
-            key_positions=positions.to(device),
+            key_slots=torch.from_numpy(slots).to(device),
+            key_positions=torch.from_numpy(positions).to(device),
             is_decode=bool(num_new) and all(k == 1 for k in num_new),
         )
 

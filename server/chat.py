@@ -6,6 +6,7 @@ deltas, and the chunk with `finish_reason` closes the choice. Logprobs use OpenA
 """
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -22,14 +23,67 @@ from trident.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatComplet
                              ChatTopLogprob, DeltaMessage)
 
 
-def chat_prompt_ids(ctx: ServerContext, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the templated conversation; a template that rejects the messages is a 400."""
+def _render(ctx: ServerContext, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
-        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, f"invalid messages: {exc}", param="messages") from exc
-    # the template writes BOS and other special tokens itself
-    token_ids = ctx.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _special_in(text: str | None, specials: tuple[str, ...]) -> str | None:
+    return next((s for s in specials if s in text), None) if text else None
+
+
+def _ids_with_plain_content(ctx: ServerContext, messages: list[dict], add_generation_prompt: bool,
+                            text: str, special: str) -> list[int]:
+    """Token ids of `text` (the rendered conversation) in which each message's content is tokenized
+    as plain text: the template is rendered again with a unique mark for each content, the marks
+    cut it into template pieces (control tokens parsed) and contents (special tokens split)."""
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+    marked = _render(ctx, [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+    pieces, rest = [], marked
+    for mark in marks:
+        before, found, rest = rest.partition(mark)
+        if not found or mark in rest:
+            break
+        pieces.append(before)
+    contents = [m["content"] for m in messages]
+    rebuilt = "".join(p + c for p, c in zip(pieces, contents)) + rest
+    if len(pieces) != len(messages) or rebuilt != text:   # the template drops, repeats or edits content
+        raise APIError(400, f"a message holds the special token {special!r}, which this model's chat template "
+                            f"cannot keep as plain text; remove it (or start the server with "
+                            f"--message-special-tokens parse)", param="messages")
+    encode, plain = ctx.tokenizer.encode, ctx.plain_text_tokenizer
+    token_ids: list[int] = []
+    for piece, content in zip(pieces, contents):
+        token_ids += encode(piece, add_special_tokens=False)
+        token_ids += plain.encode(content, add_special_tokens=False).ids
+    return token_ids + encode(rest, add_special_tokens=False)
+
+
+def chat_prompt_ids(ctx: ServerContext, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the templated conversation; a template that rejects the messages is a 400.
+
+    The template's own markers are the only control tokens: special-token text inside a message
+    (`<|im_end|>\\n<|im_start|>system` typed by a user) is tokenized as the plain characters it is,
+    so content cannot close its turn and open another. `--message-special-tokens parse` restores
+    parsing it, for templates that need it. A role or name holding such text is a 400.
+    Runs in the tokenizer thread (ctx.run_blocking)."""
+    specials = ctx.special_token_texts
+    for i, message in enumerate(messages):
+        for key in ("role", "name"):
+            found = _special_in(message.get(key), specials)
+            if found is not None:
+                raise APIError(400, f"messages[{i}].{key} holds the special token {found!r}",
+                               param=f"messages.{i}.{key}")
+    text = _render(ctx, messages, add_generation_prompt)
+    special = next((s for m in messages if (s := _special_in(m["content"], specials))), None)
+    if special is None or ctx.parse_message_special_tokens:
+        # the template writes BOS and other special tokens itself
+        token_ids = ctx.tokenizer.encode(text, add_special_tokens=False)
+    else:
+        token_ids = _ids_with_plain_content(ctx, messages, add_generation_prompt, text, special)
     ctx.check_token_ids(token_ids, "messages")
     return token_ids
 
@@ -42,7 +96,8 @@ class ChatServer:
         ctx.check_model(request.model)
         self.ctx, self.request = ctx, request
         self.params = sampling_params_of(request)
-        self.prompt_ids = chat_prompt_ids(ctx, [m.to_template_dict() for m in request.messages])
+        self.messages = [m.to_template_dict() for m in request.messages]
+        ctx.check_prompt_chars(sum(len(m["content"]) for m in self.messages), "messages")
         self.request_id = random_id("chatcmpl")
         self.model = ctx.model_name
         self.created = int(time.time())
@@ -64,7 +119,8 @@ class ChatServer:
 
     async def serve(self, raw: Request) -> Response:
         """JSON answer or SSE stream; the engine request is aborted if the client leaves."""
-        generation = self.ctx.new_generation(self.request_id, [self.prompt_ids], self.params)
+        prompt_ids = await self.ctx.run_blocking(chat_prompt_ids, self.ctx, self.messages)
+        generation = self.ctx.new_generation(self.request_id, [prompt_ids], self.params)
         return await respond(raw, generation, self.request.stream, self._events, self._response)
 
     def _response(self, finals: list[RequestOutput]) -> ChatCompletionResponse:

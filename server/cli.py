@@ -2,7 +2,7 @@
 
     trident serve --model PATH|ALIAS [options]    OpenAI-compatible server (uvicorn)
     trident calibrate --model M [--data FILE]     statistics + pruning plan profiles
-    trident bench serve|quality|compare [...]     load generator, quality sweeps, side by side
+    trident bench serve|quality|compare|soak [...]   load generator, quality sweeps, side by side, soak
 """
 from __future__ import annotations
 
@@ -57,6 +57,15 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="do not share KV blocks of identical prompt prefixes across requests")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--shutdown-timeout", type=float, default=30.0,
+        help="on SIGTERM/SIGINT, seconds running requests get to finish before they are ended (default %(default)s)")
+    add("--max-request-bytes", type=parse_size, default="4MiB",
+        help="larger request bodies get 413 before parsing (default 4MiB)")
+    add("--allowed-origins", default="",
+        help="comma-separated browser origins allowed by CORS, or * for any (default: none)")
+    add("--message-special-tokens", choices=["text", "parse"], default="text",
+        help="special-token text inside chat messages: `text` tokenizes it as plain characters, so user "
+             "content cannot open a system turn (default); `parse` reads it as control tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCH_COMMANDS = {"serve": "load generator against a running server (trident.bench.serve)",
+                  "soak": "mixed hostile load for N minutes, then leak checks (trident.bench.soak)",
                   "quality": "perplexity, greedy agreement and quality/speed sweeps (trident.bench.quality)",
                   "compare": "Trident profiles and peers side by side under the same load (trident.bench.compare)"}
 DEFAULT_CALIBRATION_DATA = Path(__file__).resolve().parents[1] / "bench" / "data" / "wikitext2-valid.txt"
@@ -168,6 +178,39 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         **given(dtype=args.dtype, seed=args.seed))
 
 
+def _draining_server(config, app, shutdown_timeout: float):
+    """A uvicorn.Server whose first SIGTERM/SIGINT drains the app (server/limits.py) before exiting;
+    a second signal falls back to uvicorn's own handling (exit now, cancelling what runs)."""
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_task: asyncio.Task | None = None
+
+        async def startup(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.drain_task is not None or not hasattr(self, "loop"):
+                return super().handle_exit(sig, frame)
+            # Not recorded as a captured signal: uvicorn would re-raise it at exit, and the
+            # process would die of it instead of exiting 0 after a clean drain.
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            async def run() -> None:
+                try:
+                    await app.state.drain(shutdown_timeout)
+                finally:
+                    self.should_exit = True
+
+            self.drain_task = self.loop.create_task(run())
+
+    return DrainingServer(config)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Builds the engine and app, then serves until interrupted. Exits 2 on bad flags or a plan
     file that does not parse, 1 when the engine fails to start (a plan that does not fit the model)."""
@@ -195,10 +238,13 @@ def serve_command(args: argparse.Namespace) -> int:
         failure.append(reason)
         server.should_exit = True
 
+    origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
     app = build_app(AsyncEngine(config), api_key=args.api_key, served_model_name=args.served_model_name,
-                    on_start_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+                    on_start_failure=stop, max_request_bytes=args.max_request_bytes, allowed_origins=origins,
+                    parse_message_special_tokens=args.message_special_tokens == "parse")
+    # The drain has already ended every request when uvicorn's own graceful wait begins.
+    server = _draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                             timeout_graceful_shutdown=5), app, args.shutdown_timeout)
     server.run()
     if failure:
         print(f"trident serve: the engine failed to start: {failure[0]}", file=sys.stderr)

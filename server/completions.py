@@ -27,8 +27,8 @@ class Prompt:
     token_ids: list[int]
 
 
-def parse_prompts(ctx: ServerContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
-    """The request's prompts, tokenized (strings get the tokenizer's special tokens, e.g. BOS)."""
+def prompt_items(ctx: ServerContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list:
+    """The request's prompts as a list (texts or token-id lists), checked before any tokenizing."""
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
     items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
@@ -36,6 +36,14 @@ def parse_prompts(ctx: ServerContext, prompt: str | list[str] | list[int] | list
     if len(items) > limit:        # it could never be queued whole: 429 would invite endless retries
         raise APIError(400, f"a request holds at most {limit} prompts on this server (--max-waiting), "
                             f"got {len(items)}", param="prompt")
+    for item in items:
+        ctx.check_prompt_chars(len(item) if isinstance(item, str) else 0, "prompt")
+    return items
+
+
+def parse_prompts(ctx: ServerContext, items: list) -> list[Prompt]:
+    """The prompts of `prompt_items`, tokenized (strings get the tokenizer's special tokens, e.g. BOS).
+    Runs in the tokenizer thread (ctx.run_blocking)."""
     tokenizer, prompts = ctx.tokenizer, []
     for item in items:
         token_ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
@@ -77,7 +85,8 @@ class CompletionServer:
         ctx.check_model(request.model)
         self.ctx, self.request = ctx, request
         self.params = sampling_params_of(request)
-        self.prompts = parse_prompts(ctx, request.prompt)
+        self.items = prompt_items(ctx, request.prompt)
+        self.prompts: list[Prompt] = []
         self.request_id = random_id("cmpl")
         self.model = ctx.model_name
         self.created = int(time.time())
@@ -106,6 +115,7 @@ class CompletionServer:
 
     async def serve(self, raw: Request) -> Response:
         """JSON answer or SSE stream; the engine requests are aborted if the client leaves."""
+        self.prompts = await self.ctx.run_blocking(parse_prompts, self.ctx, self.items)
         generation = self.ctx.new_generation(self.request_id, [p.token_ids for p in self.prompts], self.params)
         return await respond(raw, generation, self.request.stream, self._events, self._response)
 

@@ -1,11 +1,19 @@
-"""What every endpoint shares: the engine, the metrics, request checks, SSE framing and usage."""
+"""What every endpoint shares: the engine, the metrics, request checks, SSE framing and usage.
+
+Tokenizing and chat templating run in one worker thread (`ServerContext.run_blocking`), never on the
+event loop: a multi-megabyte prompt then delays no other request's stream. The server drains on
+shutdown: `draining` turns new requests (and /health) into 503s while running ones finish.
+"""
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -15,7 +23,7 @@ from starlette.background import BackgroundTask
 from trident.engine.outputs import RequestOutput
 from trident.engine.pruning.accounting import merge_summaries
 from trident.engine.sampling_params import SamplingParams
-from trident.server.errors import APIError, engine_error
+from trident.server.errors import APIError, context_length_error, engine_error
 from trident.server.generation import ClientDisconnected, Generation, unless_disconnected
 from trident.server.metrics import ServerMetrics
 from trident.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, make_usage
@@ -24,6 +32,9 @@ if TYPE_CHECKING:
     from trident.engine.async_engine import AsyncEngine
 
 SSE_DONE = "data: [DONE]\n\n"
+T = TypeVar("T")
+# Normalizers can shrink text (NFC composes up to 3 code points into 1): a margin on the bound below.
+_NORMALIZER_MARGIN = 4
 
 
 @dataclass
@@ -32,6 +43,53 @@ class ServerContext:
     metrics: ServerMetrics
     served_model_name: str | None = None   # overrides engine.model_name in requests and responses
     start_error: str | None = None         # why the engine failed to start, once it has
+    parse_message_special_tokens: bool = False   # True: special-token text in chat content is control
+    draining: bool = False                 # shutting down: new requests get 503, running ones finish
+    closed: bool = False                   # the drain timed out: nothing new reaches the engine
+    generations: set = field(default_factory=set)   # the Generations running now (drain ends them)
+    _blocking: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="trident-tokenize"))
+
+    async def run_blocking(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` in the tokenizer thread. One thread: HF tokenizers are not safe to share across
+        threads, and the event loop stays free either way (the Rust tokenizer releases the GIL)."""
+        return await asyncio.get_running_loop().run_in_executor(self._blocking, fn, *args)
+
+    def close_threads(self) -> None:
+        self._blocking.shutdown(wait=False, cancel_futures=True)
+
+    @cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a text cannot fit the context whatever it says.
+
+        No token covers more input characters than the longest vocabulary entry, so a text longer than
+        that times max_model_len (times a margin for normalizers) needs more tokens than fit. Such a
+        prompt is refused without tokenizing it: a 10 MB prompt costs microseconds, not seconds."""
+        longest = max(map(len, self.tokenizer.hf.get_vocab()))
+        return _NORMALIZER_MARGIN * longest * self.engine.max_model_len
+
+    @cached_property
+    def special_token_texts(self) -> tuple[str, ...]:
+        """The texts the tokenizer turns into added (control) tokens, such as `<|im_start|>`."""
+        return tuple(t.content for t in self.tokenizer.hf.added_tokens_decoder.values() if t.content)
+
+    @cached_property
+    def plain_text_tokenizer(self):
+        """A copy of the Rust tokenizer that reads special-token text as plain characters (a copy, as
+        flipping the flag on the shared one would race with other requests)."""
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(self.tokenizer.hf.backend_tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        """400 context_length_exceeded for a text too long to fit the context (see max_prompt_chars)."""
+        if num_chars > self.max_prompt_chars:
+            raise context_length_error(
+                f"this model's maximum context length is {self.engine.max_model_len} tokens; a text of "
+                f"{num_chars} characters cannot fit it (at most {self.max_prompt_chars} characters are tokenized)",
+                param)
 
     @property
     def model_name(self) -> str:
@@ -42,9 +100,14 @@ class ServerContext:
         return self.engine.tokenizer
 
     def check_ready(self) -> None:
-        """503 while the model loads and after the engine failed."""
+        """503 while the model loads, after the engine failed, and while the server shuts down."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica",
+                           code="server_shutting_down")
         if self.start_error is not None or self.engine.errored:
-            reason = self.start_error or "the engine stopped after an unrecoverable error"
+            error = self.engine.error
+            reason = self.start_error or "the engine stopped after an unrecoverable error" + (
+                f" ({type(error).__name__}: {error})" if error is not None else "")
             raise APIError(503, f"engine unavailable: {reason}", code="engine_dead")
         if not self.engine.ready:
             raise APIError(503, "the model is still loading; retry when /health answers 200",
@@ -66,7 +129,17 @@ class ServerContext:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param=param)
 
     def new_generation(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        return Generation(self.engine, self.metrics, request_id, prompts, params)
+        if self.closed:
+            raise APIError(503, "the server shut down before this request started", code="server_shutting_down")
+        return Generation(self.engine, self.metrics, request_id, prompts, params, registry=self.generations)
+
+    def engine_load(self) -> dict[str, int]:
+        """What the engine holds right now: sequences running and waiting, KV blocks in use. All three
+        return to 0 when the server is idle; the soak checks that they do."""
+        engine = self.engine.engine
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "kv_blocks_used": blocks.num_blocks - blocks.num_free_blocks, "kv_blocks_total": blocks.num_blocks}
 
 
 @dataclass

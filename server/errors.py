@@ -2,7 +2,7 @@
 
 Every error leaves the server as {"error": {"message", "type", "param", "code"}} with the HTTP
 status the OpenAI SDK maps to its exception classes (400 BadRequestError, 401 AuthenticationError,
-404 NotFoundError, 429 RateLimitError, 503 InternalServerError).
+404 NotFoundError, 413 and 405 APIStatusError, 429 RateLimitError, 500 and 503 InternalServerError).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -32,12 +33,14 @@ ERROR_TYPES = {
 class APIError(Exception):
     """An error answered to the client with `status` and an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers     # e.g. `Allow` on a 405
 
     def to_body(self) -> dict:
         """The JSON body, also sent as the payload of an SSE error event mid-stream."""
@@ -46,7 +49,12 @@ class APIError(Exception):
         return ErrorResponse(error=info).model_dump()
 
     def to_response(self) -> JSONResponse:
-        return JSONResponse(self.to_body(), status_code=self.status)
+        return JSONResponse(self.to_body(), status_code=self.status, headers=self.headers)
+
+
+def context_length_error(message: str, param: str | None = "prompt") -> APIError:
+    """A 400 with OpenAI's `context_length_exceeded` code."""
+    return APIError(400, message, param=param, code="context_length_exceeded")
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -58,6 +66,10 @@ def engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc) or "the engine has failed", code="engine_dead")
     if isinstance(exc, ValueError):
+        # The engine's context checks say "maximum context length"; tests/test_server_hardening.py
+        # pins that wording, so a change there fails a test rather than dropping the code.
+        if "maximum context length" in str(exc):
+            return context_length_error(str(exc), param=None)
         return APIError(400, str(exc))
     logger.error("request failed", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -72,7 +84,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         where = ".".join(loc)
         param = param or where or None
-        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+        message = str(error.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts) or "invalid request", param
 
 
@@ -90,7 +103,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).to_response()
+        # Starlette's 405 carries `Allow`, which RFC 9110 requires on a 405: keep its headers.
+        code = "request_too_large" if exc.status_code == 413 else None
+        return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).to_response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -1,15 +1,20 @@
 """OpenAI-compatible request and response models: the only pydantic models in Trident.
 
 Requests ignore unknown fields (clients send options from newer API versions) and read an explicit
-`null` as "use the default". `to_sampling_params()` turns a validated request into the engine's
-SamplingParams, whose own checks raise ValueError; the server answers those with HTTP 400.
+`null` as "use the default". Types are strict, as OpenAI's are: `"max_tokens": "2"` or `true` is a
+400, not 2; numbers carry their ranges, so the OpenAPI document states them. Every string must be
+valid Unicode: a lone UTF-16 surrogate (`"\\ud800"` in JSON) is a 400 naming the field.
+`to_sampling_params()` turns a validated request into the engine's SamplingParams, whose own checks
+raise ValueError; the server answers those with HTTP 400.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_serializer,
+                      model_validator)
+from pydantic.types import Strict
 
 from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
@@ -20,15 +25,62 @@ MAX_N = 128                    # OpenAI's bound for `n`; also keeps one request 
 # OpenAI options that change what the output must be: ignoring them would silently return something
 # else, so a request that sets them gets a 400 naming the field.
 UNSUPPORTED = ("logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call", "suffix")
+MAX_SEED = 2**63 - 1 - MAX_N   # the engine derives seed + i for the n completions; all must fit an int64
+
+# A JSON number (integer or not), never a string or a boolean; NaN and infinities are refused.
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+
+
+def _unicode_error(value: Any, where: str = "") -> str | None:
+    """The path of the first string (or key) in `value` that is not valid Unicode, else None.
+
+    json.loads turns a lone `\\ud800` escape into a surrogate code point, which no tokenizer, UTF-8
+    encoder or JSON writer accepts; `str.encode` finds one at C speed, even in a 10 MB prompt."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if not isinstance(key, str) or _unicode_error(key) is not None:
+                return where or "body"
+            found = _unicode_error(item, path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unicode_error(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _optional_fields_are_nullable(schema: dict, model: type[BaseModel]) -> None:
+    """The JSON schema says what `_null_means_default` does: an optional field may be null."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or prop.get("type") == "null" or {"type": "null"} in prop.get("anyOf", ()):
+            continue
+        if "anyOf" in prop:
+            prop["anyOf"].append({"type": "null"})
+        else:
+            keep = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **keep}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_optional_fields_are_nullable)
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            bad = _unicode_error(data)
+            if bad is not None:
+                raise ValueError(f"`{bad}` is not valid Unicode text (it holds a lone UTF-16 surrogate)")
             for name in UNSUPPORTED:
                 if data.get(name) not in (None, {}, [], "") and data.get(name) != {"type": "text"}:
                     raise ValueError(f"`{name}` is not supported by this server")
@@ -39,7 +91,10 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
 class PruningRequest(BaseModel):
@@ -61,26 +116,26 @@ class PruningRequest(BaseModel):
 class _SamplingRequest(_Request):
     """Fields shared by completion and chat requests: OpenAI's names plus vLLM-style extras."""
 
-    model: str | None = None
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stream: bool = False
+    model: StrictStr | None = None
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
+    temperature: Number = Field(default=1.0, ge=0, le=2)
+    top_p: Number = Field(default=1.0, gt=0, le=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] = Field(default_factory=list)
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    user: str | None = None
+    stop: StrictStr | list[StrictStr] = Field(default_factory=list)
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
+    presence_penalty: Number = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2)
+    user: StrictStr | None = None
     # extras beyond the OpenAI API
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    top_k: StrictInt = Field(default=-1, ge=-1, description="-1 or 0: off")
+    min_p: Number = Field(default=0.0, ge=0, le=1)
+    repetition_penalty: Number = Field(default=1.0, gt=0, le=2)
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list)
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
     pruning: PruningRequest | None = None       # per-request dynamic pruning; usage.pruning says what ran
 
     @property
@@ -93,7 +148,8 @@ class _SamplingRequest(_Request):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
+            n=self.n, max_tokens=max_tokens, temperature=self.temperature,
+            top_k=-1 if self.top_k == 0 else self.top_k,                    # 0 is "off" too, as in vLLM
             top_p=self.top_p, min_p=self.min_p, seed=self.seed,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
@@ -109,10 +165,10 @@ class _SamplingRequest(_Request):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. `prompt`: text, several texts, token ids, or several token-id lists."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool = False
+    prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
+    max_tokens: StrictInt | None = Field(default=16, ge=0)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: StrictBool = False
 
     def to_sampling_params(self) -> SamplingParams:
         """Engine parameters; `echo` with `logprobs` also asks for the prompt's logprobs."""
@@ -122,13 +178,13 @@ class CompletionRequest(_SamplingRequest):
 
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class ChatMessage(_Request):
-    role: str
-    content: str | list[TextContentPart] = ""
-    name: str | None = None
+    role: StrictStr
+    content: StrictStr | list[TextContentPart] = ""
+    name: StrictStr | None = None
 
     def to_template_dict(self) -> dict[str, str]:
         """The message as chat templates expect it: text content parts joined into one string."""
@@ -143,10 +199,10 @@ class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. Without a token limit the reply may fill the context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None   # OpenAI's newer name; wins over max_tokens
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    max_tokens: StrictInt | None = Field(default=None, ge=0)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=0)   # OpenAI's newer name; wins
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
 
     def to_sampling_params(self) -> SamplingParams:
         """Engine parameters; `top_logprobs` needs `logprobs: true`, as in the OpenAI API."""
@@ -160,16 +216,16 @@ class ChatCompletionRequest(_SamplingRequest):
 class TokenizeRequest(_Request):
     """POST /tokenize: exactly one of `prompt` (raw text) or `messages` (chat-templated)."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True      # for `prompt`; chat templates carry their own
-    add_generation_prompt: bool = True   # for `messages`
+    add_special_tokens: StrictBool = True      # for `prompt`; chat templates carry their own
+    add_generation_prompt: StrictBool = True   # for `messages`
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
-    tokens: list[int]
+    model: StrictStr | None = None
+    tokens: list[TokenId]
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -296,6 +352,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    """GET /health when ready: what the engine holds right now (all 0 when the server is idle)."""
+
+    status: Literal["ok"] = "ok"
+    model: str
+    running: int            # sequences in the engine's running set
+    waiting: int            # sequences waiting to be scheduled
+    kv_blocks_used: int     # KV-cache blocks held by sequences
+    kv_blocks_total: int
 
 
 class TokenizeResponse(BaseModel):

@@ -120,6 +120,35 @@ def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_d
         assert result["profiled_ms"][group] > 0, group
     assert result["step_ms"] > 0
 
+    # Only decode steps run under the profiler: every sequence has its first token (sampled by the
+    # prefill) when one starts, and there is one per decode token (batch_params asks decode_tokens + 1).
+    import contextlib
+
+    from trident.bench import decode_breakdown
+    from trident.engine.llm import LLM
+    from trident.engine.config import CacheConfig, EngineConfig
+
+    llm = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", cache=CacheConfig(num_blocks=64)))
+    seen: list[bool] = []
+
+    class Spy(contextlib.AbstractContextManager):
+        def __init__(self, *a, **k):
+            seen.append(all(seq.num_output_tokens > 0 for req in llm.engine.requests.values() for seq in req.seqs))
+
+        def __exit__(self, *exc):
+            return None
+
+        def key_averages(self, **kwargs):
+            return []
+
+    original = decode_breakdown.profile
+    decode_breakdown.profile = Spy
+    try:
+        decode_breakdown.decode_steps(llm, prompts, 4, profiled=True)
+    finally:
+        decode_breakdown.profile = original
+    assert seen == [True] * 4
+
 
 def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_and_on(tiny_model_dir, tmp_path):
     import json
@@ -140,8 +169,30 @@ def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_a
 
     rows = kernel_linear.SMALL_BATCH_ROWS
     out = tmp_path / "engine.json"
-    assert cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--window", "16", "--decode-tokens", "3",
-                            "--rounds", "2", "--json", str(out)]) == 0
+    # Spies: how many projections took the weight-major form during each timed run, by setting.
+    from trident.bench import decode_breakdown
+    runs: list[tuple[int, int]] = []
+    calls = [0]
+    real_steps, real_weight_major = decode_breakdown.decode_steps, kernel_linear.weight_major_linear
+
+    def counting_weight_major(*args, **kwargs):
+        calls[0] += 1
+        return real_weight_major(*args, **kwargs)
+
+    def counting_steps(*args, **kwargs):
+        before = calls[0]
+        result = real_steps(*args, **kwargs)
+        runs.append((kernel_linear.SMALL_BATCH_ROWS, calls[0] - before))
+        return result
+
+    decode_breakdown.decode_steps, kernel_linear.weight_major_linear = counting_steps, counting_weight_major
+    try:
+        assert cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--window", "16", "--decode-tokens",
+                                "3", "--rounds", "2", "--json", str(out)]) == 0
+    finally:
+        decode_breakdown.decode_steps, kernel_linear.weight_major_linear = real_steps, real_weight_major
+    assert sorted(setting for setting, _ in runs) == [0, 0, rows, rows]        # each setting once a round
+    assert all((n == 0) == (setting == 0) for setting, n in runs), runs        # off: never; on: used
     (dense,) = json.loads(out.read_text())["results"]
     assert dense["plan"] == "dense" and dense["off_ms"] > 0 and dense["on_ms"] > 0
     assert kernel_linear.SMALL_BATCH_ROWS == rows           # the dispatch is left on

@@ -104,7 +104,7 @@ def test_perplexity_matches_the_engine(server_url, tiny_model):
     assert result.perplexity == pytest.approx(math.exp(nll / 45), rel=1e-4)
 
 
-def test_agreement_and_sweep(server_url, data_dir, tmp_path, capsys):
+def test_agreement_detects_disagreement_and_sweeps(server_url, data_dir, tmp_path, capsys):
     reference = tmp_path / "dense.json"
     common = ["--base-url", server_url, "--data-dir", str(data_dir), "--num-prompts", "3", "--max-tokens", "5",
               "--endpoint", "completions", "--window", "16", "--num-windows", "2", "--reference", str(reference)]
@@ -112,17 +112,21 @@ def test_agreement_and_sweep(server_url, data_dir, tmp_path, capsys):
     result_file = tmp_path / "quality.json"
     assert quality.main(common + ["--result-file", str(result_file)]) == 0
     agreement = json.loads(result_file.read_text())["agreement"]
-    # the same server decoding greedily twice agrees with itself token for token
+    # a sanity check only: the same server decoding greedily twice agrees with itself
     assert agreement["unit"] == "tokens" and agreement["mean_prefix_agreement"] == 1.0
     assert agreement["exact_match_rate"] == 1.0
 
+    # The oracle: greedy decoding constrained to the top token (top_k 1) must still agree, while
+    # sampling at temperature 2 (a seeded, near-uniform pick on a random model) must not.
     out = tmp_path / "sweep"
-    assert quality.main(common + ["--sweep", 'topk1={"top_k": 1}', f"url={server_url}",
-                                  "--throughput-prompts", "2", "--output-dir", str(out)]) == 0
-    points = json.loads((out / "sweep.json").read_text())["points"]
-    assert [p["label"] for p in points] == ["topk1", "url"]
-    assert all(p["agreement"] == 1.0 and p["failed"] == 0 and p["output_throughput"] > 0 for p in points)
-    assert len({p["perplexity"] for p in points}) == 1
+    assert quality.main(common + ["--sweep", 'topk1={"top_k": 1}', 'hot={"temperature": 2.0, "seed": 3}',
+                                  f"url={server_url}", "--throughput-prompts", "2", "--output-dir", str(out)]) == 0
+    points = {p["label"]: p for p in json.loads((out / "sweep.json").read_text())["points"]}
+    assert list(points) == ["topk1", "hot", "url"]
+    assert all(p["failed"] == 0 and p["output_throughput"] > 0 for p in points.values())
+    assert points["topk1"]["agreement"] == points["url"]["agreement"] == 1.0
+    assert points["hot"]["agreement"] < 0.5
+    assert len({p["perplexity"] for p in points.values()}) == 1     # prompt scoring ignores sampling options
     assert (out / "sweep.png").stat().st_size > 0 and "| topk1 |" in (out / "sweep.md").read_text()
 
 

@@ -214,3 +214,21 @@ def test_prompt_logprobs_with_prefill_dropping_are_refused(tiny_model_dir):
     params = SamplingParams(max_tokens=2, prompt_logprobs=1, pruning=RequestPruning(prefill_keep=0.5))
     with pytest.raises(ValueError, match="prompt logprobs"):
         llm.generate([PROMPT], params)
+
+
+def test_selection_rules():
+    from trident.engine.pruning.length import budget_policy, select_evictions, select_rows
+    from trident.engine.pruning.plan import LengthPolicy
+
+    mass = torch.tensor([0.0, 5.0, 0.1, 4.0, 0.2, 3.0, 0.3])
+    positions = torch.arange(10, 17)
+    # keep 3: the two heaviest plus the last row, which always stays
+    assert select_rows(mass, positions, 3, sinks=0).tolist() == [1, 3, 6]
+    # positions below `sinks` stay too, even when that keeps more than asked
+    assert select_rows(mass, torch.arange(7), 2, sinks=2).tolist() == [0, 1, 6]
+    policy = LengthPolicy(decode_sinks=1, decode_recent=2, decode_heavy=2)
+    # 7 keys, budget 5: key 0 (sink), keys 5-6 (recent), and the two heaviest of 1-4 (1 and 3) stay
+    assert select_evictions(mass, policy).tolist() == [2, 4]
+    assert select_evictions(mass[:5], policy).tolist() == []                 # within budget
+    split = budget_policy(256, LengthPolicy())
+    assert (split.decode_sinks, split.decode_recent, split.decode_heavy) == (4, 126, 126)

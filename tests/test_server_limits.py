@@ -81,8 +81,12 @@ def test_queue_full_is_429(server):
 
 
 def _engine_is_free(server, aborted_before: float) -> bool:
+    """The server counted the abort, and the engine itself let go: no sequence running or waiting,
+    every KV block back in the free list (what /health reads from the scheduler and block manager)."""
+    load = httpx.get(f"{server.url}/health").json()
     return (server.metric("trident:request_success_total", ABORTED) == aborted_before + 1
-            and server.metric("trident:num_requests_running", MODEL_LABEL) == 0)
+            and server.metric("trident:num_requests_running", MODEL_LABEL) == 0
+            and (load["running"], load["waiting"], load["kv_blocks_used"]) == (0, 0, 0))
 
 
 def test_stream_disconnect_aborts(server):

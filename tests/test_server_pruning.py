@@ -1,6 +1,8 @@
 """A server started with a pruning plan reports usage.pruning and per-axis savings in /metrics."""
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -35,10 +37,23 @@ def test_usage_carries_pruning_and_metrics_split_savings(pruned_server):
                                        stream_options={"include_usage": True})
     usage = [c.usage for c in stream if c.usage is not None][-1]
     assert usage.model_extra["pruning"]["total_saved_fraction"] > 0
-    text = httpx.get(f"{pruned_server.url}/metrics").text
-    depth = [l for l in text.splitlines()
-             if l.startswith(f'trident:seconds_saved_total{{axis="depth",model_name="{MODEL_NAME}"}}')]
-    assert depth and float(depth[0].split()[-1]) > 0
+    # /metrics splits the savings by axis: FLOPs saved per axis add up to dense minus executed, and
+    # the seconds attributed to each axis (by FLOP share) are positive exactly where FLOPs were saved.
+    samples = [line.rsplit(" ", 1) for line in httpx.get(f"{pruned_server.url}/metrics").text.splitlines()
+               if line.startswith("trident:") and f'model_name="{MODEL_NAME}"' in line]
+
+    def total(name: str) -> float:
+        return sum(float(value) for key, value in samples if key.startswith(name + "{"))
+
+    def per_axis(name: str) -> dict[str, float]:
+        found = {re.search(r'axis="(\w+)"', key).group(1): float(value)
+                 for key, value in samples if key.startswith(name + "{")}
+        return {axis: found.get(axis, 0.0) for axis in ("depth", "width", "length")}
+
+    flops, seconds = per_axis("trident:flops_saved_total"), per_axis("trident:seconds_saved_total")
+    assert sum(flops.values()) == pytest.approx(total("trident:flops_dense_total") - total("trident:flops_executed_total"))
+    assert flops["depth"] > 0 and flops["width"] > 0 and flops["length"] == 0
+    assert seconds["depth"] > 0 and seconds["width"] > 0 and seconds["length"] == 0
 
 
 def test_bad_plan_fails_fast(tmp_path):

@@ -43,6 +43,16 @@ def test_unset_flags_keep_config_defaults():
     assert config.scheduler == SchedulerConfig() and config.cache == CacheConfig()
 
 
+def test_hardening_flags():
+    args = cli.build_parser().parse_args(["serve", "--shutdown-timeout", "2.5", "--max-request-bytes", "1MiB",
+                                          "--allowed-origins", "https://a.example, https://b.example",
+                                          "--message-special-tokens", "parse"])
+    assert (args.shutdown_timeout, args.max_request_bytes, args.message_special_tokens) == (2.5, 2**20, "parse")
+    defaults = cli.build_parser().parse_args(["serve"])
+    assert (defaults.shutdown_timeout, defaults.max_request_bytes) == (30.0, 4 * 2**20)
+    assert (defaults.allowed_origins, defaults.message_special_tokens) == ("", "text")
+
+
 def test_bench_serve_forwards_its_arguments(monkeypatch):
     import trident.bench.serve
 

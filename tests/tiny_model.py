@@ -53,19 +53,25 @@ def build_tokenizer():
                                    pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_hf_model(path: Path, seed: int = 0, **config_overrides) -> Path:
-    """Write config.json, model.safetensors and tokenizer files of a random tiny Llama to `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def build_tiny_hf_model(path: Path, seed: int = 0, family: str = "llama", **config_overrides) -> Path:
+    """Write config.json, model.safetensors and tokenizer files of a random tiny model of `family`
+    (a key of FAMILIES) to `path`. Biases, where the family has them, are random too."""
+    import transformers
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    cfg = tiny_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_overrides)
+    cfg = tiny_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, model_type=family,
+                      architectures=[FAMILIES[family]], **config_overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    config = transformers.AutoConfig.for_model(family, **{k: v for k, v in cfg.items() if k != "model_type"})
+    model = getattr(transformers, FAMILIES[family])(config)
     with torch.no_grad():   # larger weights than the default init give peaked, seed-sensitive outputs
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith("bias"):
                 p.normal_(0, 0.08)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
@@ -80,7 +86,8 @@ def _permute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def build_tiny_gguf(hf_dir: Path, out_file: Path) -> Path:
-    """Convert a tiny HF folder to a float32 GGUF file the way llama.cpp's converter lays it out."""
+    """Convert a tiny HF folder to a float32 GGUF file the way llama.cpp's converter lays it out
+    (q/k rows interleaved for llama and mistral, as llama.cpp does; qwen2 keeps HF's order)."""
     import gguf
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -88,7 +95,8 @@ def build_tiny_gguf(hf_dir: Path, out_file: Path) -> Path:
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     state = load_file(str(Path(hf_dir) / "model.safetensors"))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    w = gguf.GGUFWriter(str(out_file), "llama")
+    arch = cfg.get("model_type", "llama")
+    w = gguf.GGUFWriter(str(out_file), arch)
     w.add_name("tiny-llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -100,6 +108,10 @@ def build_tiny_gguf(hf_dir: Path, out_file: Path) -> Path:
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(cfg["head_dim"])
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
     vocab = tokenizer.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     special = set(SPECIAL_TOKENS)
@@ -127,9 +139,9 @@ def build_tiny_gguf(hf_dir: Path, out_file: Path) -> Path:
             _, _, idx, *rest = name.split(".")
             module, suffix = ".".join(rest[:-1]), rest[-1]
             gname = f"blk.{idx}.{layer_names[module]}.{suffix}"
-            if module == "self_attn.q_proj":
+            if module == "self_attn.q_proj" and arch != "qwen2":
                 arr = _permute_rope(arr, cfg["num_attention_heads"])
-            elif module == "self_attn.k_proj":
+            elif module == "self_attn.k_proj" and arch != "qwen2":
                 arr = _permute_rope(arr, cfg["num_key_value_heads"])
         w.add_tensor(gname, np.ascontiguousarray(arr))
     w.write_header_to_file()

@@ -120,9 +120,14 @@ def _cpu_dispatch(case, batch, meta, kept, scale, tol) -> list[str]:
         failures += compare("kept heads vs twin", kept_out, prefill_attention_ref(*args, kept), **tol)
         d_args = (decode.q, decode.k_cache, decode.v_cache, decode.meta, scale)
         mass, mass_ref = torch.zeros(decode.meta.key_slots.shape), torch.zeros(decode.meta.key_slots.shape)
-        failures += compare("decode with key_mass", paged_attention(*d_args, key_mass=mass),
-                            decode_attention_ref(*d_args, key_mass=mass_ref), atol=0, rtol=0)
-        return failures + compare("decode key_mass", mass, mass_ref, atol=0, rtol=0)
+        # The output never depends on whether mass is asked for (exactly); the mass itself comes
+        # from another product order than the decode twin's, so they agree within tolerance.
+        with_mass = paged_attention(*d_args, key_mass=mass)
+        failures += compare("decode with key_mass vs without", with_mass, paged_attention(*d_args),
+                            atol=0, rtol=0)
+        failures += compare("decode with key_mass vs twin", with_mass,
+                            decode_attention_ref(*d_args, key_mass=mass_ref), **tol)
+        return failures + compare("decode key_mass", mass, mass_ref, atol=1e-5, rtol=1e-5)
     finally:
         os.environ["TRITON_INTERPRET"] = "1"
 
