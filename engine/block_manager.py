@@ -97,6 +97,24 @@ class BlockManager:
                 self._release_block(block)
         return len(gone)
 
+    def rollback(self, seq: Sequence, slots: list[int]) -> int:
+        """Give back slots taken but not kept (rejected speculative drafts): they return, in order,
+        to the front of seq's reserve, and trailing blocks that hold none of seq's tokens return to
+        the free list. Returns the number of blocks freed."""
+        if not slots:
+            return 0
+        for slot in slots:
+            self.live[slot // self.block_size] -= 1
+        seq.free_slots = slots + seq.free_slots
+        freed, holds_keys = 0, {slot // self.block_size for slot in seq.kv_slots[-1:]}
+        while seq.block_table and self.live[seq.block_table[-1]] == 0 and seq.block_table[-1] not in holds_keys:
+            block = seq.block_table.pop()
+            first = block * self.block_size
+            seq.free_slots = [s for s in seq.free_slots if not first <= s < first + self.block_size]
+            self._release_block(block)
+            freed += 1
+        return freed
+
     def fragmented(self, seq: Sequence) -> bool:
         """Whether seq holds enough more blocks than its kept keys need that compacting pays."""
         need = -(-(len(seq.kv_slots) + len(seq.free_slots)) // self.block_size)
@@ -149,7 +167,8 @@ class BlockManager:
         unpruned sequences publish: their block i holds positions [i * size, (i + 1) * size)."""
         if not self.enable_prefix_caching or seq.prunes_length:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # Tokens accepted from a speculative draft are computed before they join token_ids.
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             prev = seq.block_hashes[-1] if seq.block_hashes else 0
             h = hash((prev, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])))

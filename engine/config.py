@@ -88,6 +88,22 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+MAX_DRAFT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Lossless self-speculative decoding: a draft that runs the served model without some of its
+    layers proposes tokens, the full model verifies them (engine/speculative.py)."""
+
+    draft: str                           # a depth plan (profile name or JSON file) or comma-separated layers to skip
+    num_draft_tokens: int = 3            # tokens drafted per step, the default of every request
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {self.num_draft_tokens}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str                           # path to a GGUF file or HF folder, or a known alias
@@ -95,6 +111,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     plan: str | None = None              # pruning plan: a JSON file or a profile name; None = unpruned
+    speculative: SpeculativeConfig | None = None   # None = speculative decoding off
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from trident.engine.block_manager import BlockManager
-from trident.engine.config import AUTO_KV_MEMORY, AUTO_KV_SEQUENCES, EngineConfig
+from trident.engine.config import AUTO_KV_MEMORY, AUTO_KV_SEQUENCES, MAX_DRAFT_TOKENS, EngineConfig
 from trident.engine.loader import load_checkpoint
 from trident.engine.model import LlamaModel
 from trident.engine.model_runner import ModelRunner, RunnerOutput
@@ -22,6 +22,7 @@ from trident.engine.pruning.profiles import resolve_plan
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.scheduler import Scheduler
 from trident.engine.sequence import Sequence
+from trident.engine.speculative import draft_skip_layers, speculation_blocker
 from trident.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from trident.kernels.attention import decode_computes_all_heads
 
@@ -74,6 +75,17 @@ class LLMEngine:
             shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, decode_heads)
         self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device,
                                   FlopCounter(ckpt.config, shapes, decode_pads=all_heads))
+        self.draft_skip: list[int] = []                         # layers a speculative draft skips
+        if config.speculative is not None:
+            self.draft_skip = draft_skip_layers(config.speculative.draft, ckpt.config, self.model_name)
+            if self.plan is not None and self.plan.length.is_active:
+                raise ValueError("speculative decoding does not combine with a plan that prunes length")
+            present = [i for i, layer in enumerate(self.model.layers) if layer.spec.index not in self.draft_skip]
+            if len(present) == len(self.model.layers):
+                raise ValueError(f"the speculative draft skips layers {self.draft_skip}, which the plan already drops")
+            self.runner.draft_layers = present
+            log.info("speculative decoding: the draft skips layers %s, %d tokens per step", self.draft_skip,
+                     config.speculative.num_draft_tokens)
         self.total_flops = FlopCount()                          # since start, all requests
         self.saved_seconds = dict.fromkeys(AXES, 0.0)           # step time attributed by FLOP share
         self.busy_seconds = 0.0
@@ -123,6 +135,7 @@ class LLMEngine:
         if policy.prefill_keep and params.prompt_logprobs is not None:
             raise ValueError("prompt logprobs (echo with logprobs) need every prompt token's logits, and "
                              "prefill pruning drops rows before the last layer: turn one of them off")
+        self.draft_tokens(params)
         max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
         if n + max_tokens > self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
@@ -137,6 +150,33 @@ class LLMEngine:
         return resolve_request(params.pruning, served, self.plan.name if self.plan is not None else None,
                                self.model_config.num_layers, kept)
 
+    def draft_tokens(self, params: SamplingParams) -> int:
+        """Tokens a request drafts per step (0: no speculation): the server's default, changed by
+        its `pruning` object. ValueError for speculation asked for where it cannot run."""
+        request, served = params.pruning, self.config.speculative
+        asked = request is not None and (request.speculative or request.num_draft_tokens is not None)
+        if request is not None and request.speculative is False:
+            if request.num_draft_tokens is not None:
+                raise ValueError("pruning.num_draft_tokens needs speculative decoding, which pruning.speculative turns off")
+            return 0
+        if not asked and (served is None or (request is not None and request.profile == "dense")):
+            return 0
+        if served is None:
+            raise ValueError("speculative decoding is not served here: start the server with --speculative-draft "
+                             "(a depth plan such as depth-4, or layers to skip)")
+        k = request.num_draft_tokens if request is not None and request.num_draft_tokens is not None \
+            else served.num_draft_tokens
+        if not 1 <= k <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"pruning.num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {k}")
+        blocker = speculation_blocker(params)
+        if blocker is None and self.length_policy(params).is_active:
+            blocker = "length pruning (kv_budget, prefill_keep)"
+        if blocker is not None:
+            if asked:
+                raise ValueError(f"speculative decoding does not run with {blocker}: turn one of them off")
+            return 0        # the server's default speculation steps aside for what it cannot verify
+        return k
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -145,7 +185,7 @@ class LLMEngine:
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens,
-                           length=self.length_policy(child))
+                           length=self.length_policy(child), num_draft_tokens=self.draft_tokens(child))
             if child.min_tokens:
                 eos = () if child.ignore_eos else self.tokenizer.eos_token_ids
                 seq.min_tokens_banned = sorted({*child.stop_token_ids, *eos})
@@ -208,7 +248,12 @@ class LLMEngine:
             if s.sample and seq.max_tokens == 0:
                 self.scheduler.finish(seq, "length")
             elif seq.seq_id in result.sampled:
-                self._append_token(req, seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+                # Several tokens when drafts were accepted; a stop among them ends the sequence there.
+                logprobs = result.logprobs.get(seq.seq_id)
+                for j, token in enumerate(result.sampled[seq.seq_id]):
+                    self._append_token(req, seq, token, logprobs[j] if logprobs is not None else None)
+                    if seq.is_finished:
+                        break
             else:
                 continue                                  # a prefill chunk: nothing to report yet
             touched[req.request_id] = req
@@ -258,5 +303,6 @@ class LLMEngine:
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
             finished=req.finished,
             prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
-            pruning=req.flops.summary() if self.plan is not None or first.prunes_length else {},
+            pruning=req.flops.summary() if self.plan is not None or first.prunes_length or first.num_draft_tokens
+            else {},
         )

@@ -191,12 +191,15 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(config, max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], pruning: StepPruning | None = None) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], pruning: StepPruning | None = None,
+                layers: list[int] | None = None) -> torch.Tensor:
         """Final hidden states of the rows that reach the last layer: all T rows, or with `pruning`
-        the rows it kept (`pruning.packed` lists which), each with its original position."""
+        the rows it kept (`pruning.packed` lists which), each with its original position.
+        `layers` (positions in self.layers) runs only those, as a speculative draft does."""
         x = self.embed_tokens(input_ids)                                # [T, hidden]
         angles = self.rotary.angles(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        stack = zip(self.layers, kv_caches) if layers is None else ((self.layers[i], kv_caches[i]) for i in layers)
+        for layer, kv_cache in stack:
             if pruning is None:
                 x = layer(x, angles, meta, kv_cache)
                 continue

@@ -1,6 +1,8 @@
 """Runs one scheduled step through the model: builds the packed batch and its attention metadata
 from each sequence's kept keys, runs the forward pass (with a StepPruning when some sequence prunes
-its length), computes logits only for the rows that need them, samples, and decides evictions."""
+its length), computes logits only for the rows that need them, samples, and decides evictions.
+Sequences that speculate first draft their tokens (engine/speculative.py); their drafts join the
+batch as extra rows, and acceptance replaces sampling for them."""
 from __future__ import annotations
 
 import time
@@ -13,7 +15,8 @@ from trident.engine.outputs import TokenLogprobs
 from trident.engine.pruning.accounting import FlopCount, FlopCounter
 from trident.engine.pruning.length import select_evictions
 from trident.engine.sampler import sample, top_logprobs
-from trident.engine.scheduler import SchedulerOutput
+from trident.engine.scheduler import ScheduledSequence, SchedulerOutput
+from trident.engine.speculative import Draft, accept_greedy, accept_sampled, distribution, draw
 from trident.engine.step_pruning import SeqResult, SeqStep, StepPruning
 from trident.kernels.metadata import AttentionMetadata
 
@@ -31,8 +34,10 @@ class KvUpdate:
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[int, int] = field(default_factory=dict)                   # seq_id -> new token id
-    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)        # seq_id -> its logprobs
+    sampled: dict[int, list[int]] = field(default_factory=dict)             # seq_id -> new token ids (1 + accepted drafts)
+    logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> their logprobs
+    accepted_drafts: dict[int, int] = field(default_factory=dict)           # seq_id -> drafts verified (speculative)
+    draft_time: float = 0.0                                                 # seconds of step_time spent drafting
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> one per prompt token
     num_tokens: int = 0                                                     # tokens run through the model
     step_time: float = 0.0                                                  # seconds, forward + sampling
@@ -54,6 +59,7 @@ class ModelRunner:
         # K/V bytes one token holds in the present layers with index >= d, for d in 0..num_layers.
         per_layer = dict(zip(self.present_layers, (2 * k.shape[1] * k.shape[2] * k.element_size() for k, _ in kv_caches)))
         self.bytes_from = [sum(b for i, b in per_layer.items() if i >= d) for d in range(self.num_layers + 1)]
+        self.draft_layers: list[int] | None = None      # positions in model.layers a speculative draft runs
 
     def copy_kv(self, copies: list[tuple[list[int], list[int]]]) -> None:
         """Move compacted sequences' K/V in every layer, in order (a later copy may read what an
@@ -69,9 +75,12 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         start = time.perf_counter()
         self.copy_kv(sched.kv_copies)
+        drafts = self._draft([s for s in sched.scheduled if s.draft_slots])
+        draft_time = time.perf_counter() - start
         input_ids: list[int] = []
         logit_rows: list[int] = []          # packed row indices whose logits are needed
         sample_seqs, sample_rows = [], []   # rows (into logit_rows) that sample a next token
+        verify: list[tuple[ScheduledSequence, int]] = []   # speculating sequences and their first logit row
         prompt_lp: list[tuple] = []         # (seq, slice of logit rows, target ids)
         rows_per_seq = []                   # logit rows each sequence needs (for accounting)
         for s in sched.scheduled:
@@ -79,6 +88,12 @@ class ModelRunner:
             rows_before = len(logit_rows)
             begin, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
             input_ids.extend(seq.token_ids[begin:end])
+            if s.draft_slots:               # a decode with drafts: every row's logits verify one token
+                input_ids.extend(drafts[seq.seq_id].tokens)
+                verify.append((s, len(logit_rows)))
+                logit_rows.extend(range(lo, len(input_ids)))
+                rows_per_seq.append(len(logit_rows) - rows_before)
+                continue
             if seq.wants_prompt_logprobs:
                 # Position p predicts token p + 1. Score prompt tokens not scored yet: a recompute
                 # after preemption runs positions whose logprobs are already recorded.
@@ -94,13 +109,14 @@ class ModelRunner:
                 sample_seqs.append(seq)
                 sample_rows.append(len(logit_rows) - 1)
             rows_per_seq.append(len(logit_rows) - rows_before)
-        slots = [s.seq.kv_slots + s.slots for s in sched.scheduled]
-        positions = [s.seq.kv_positions + list(range(s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens))
-                     for s in sched.scheduled]
+        num_new = [s.num_new_tokens + len(s.draft_slots) for s in sched.scheduled]
+        slots = [s.seq.kv_slots + s.slots + s.draft_slots for s in sched.scheduled]
+        positions = [s.seq.kv_positions + list(range(s.seq.num_computed_tokens, s.seq.num_computed_tokens + n))
+                     for s, n in zip(sched.scheduled, num_new)]
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pruning = self._step_pruning(sched, slots, positions)
+        pruning = self._step_pruning(sched, slots, positions, num_new)
         if pruning is None:
-            meta = AttentionMetadata.from_keys(slots, positions, [s.num_new_tokens for s in sched.scheduled], self.device)
+            meta = AttentionMetadata.from_keys(slots, positions, num_new, self.device)
             hidden = self.model(ids, meta.query_positions, meta, self.kv_caches)
         else:
             meta = pruning.meta
@@ -111,7 +127,7 @@ class ModelRunner:
                 logit_rows = where[torch.tensor(logit_rows, dtype=torch.long)].tolist()
                 if min(logit_rows, default=0) < 0:
                     raise RuntimeError("prefill pruning dropped a row whose logits are needed")
-        out = RunnerOutput(num_tokens=len(input_ids))
+        out = RunnerOutput(num_tokens=len(input_ids), draft_time=draft_time)
         if logit_rows:
             # A decode step needs every row's logits: skip the row gathers (at 32 rows, copying
             # the [32, vocab] logits took 1.6 ms of a 100 ms step). Row lists only ever increase,
@@ -127,13 +143,18 @@ class ModelRunner:
                 sample_logits = logits if len(sample_rows) == len(logit_rows) else logits[sample_rows]
                 token_ids, logprobs = sample(sample_logits, sample_seqs)
                 for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
-                    out.sampled[seq.seq_id] = tok
+                    out.sampled[seq.seq_id] = [tok]
                     if lp is not None:
-                        out.logprobs[seq.seq_id] = lp
+                        out.logprobs[seq.seq_id] = [lp]
+            for s, first in verify:
+                self._accept(s.seq, drafts[s.seq.seq_id], logits[first:first + 1 + len(s.draft_slots)], out)
         results = pruning.finish() if pruning is not None else [None] * len(sched.scheduled)
         for i, (s, rows, result) in enumerate(zip(sched.scheduled, rows_per_seq, results)):
             context_end = s.seq.num_computed_tokens + s.num_new_tokens
-            if pruning is None:
+            if s.draft_slots:
+                count = self.flop_counter.speculative(len(s.draft_slots), out.accepted_drafts[s.seq.seq_id],
+                                                      s.seq.num_computed_tokens, self.draft_layer_indices)
+            elif pruning is None:
                 count = self.flop_counter.step(s.num_new_tokens, context_end, rows,
                                                decode=meta.is_decode, batch_keys=meta.key_slots.shape[1])
             else:
@@ -151,6 +172,58 @@ class ModelRunner:
         out.step_time = time.perf_counter() - start
         return out
 
+    # ---------------------------------------------------------------- speculative decoding
+
+    @property
+    def draft_layer_indices(self) -> list[int]:
+        return [self.model.layers[i].spec.index for i in self.draft_layers or ()]
+
+    def _draft(self, items: list[ScheduledSequence]) -> dict[int, Draft]:
+        """Each item's draft tokens: single-token passes through the draft layers, batched across
+        the sequences still drafting. Pass j writes K/V at the slot of position computed + j."""
+        if not items:
+            return {}
+        drafts = {s.seq.seq_id: Draft([], None if s.seq.params.greedy else []) for s in items}
+        current = [s.seq.token_ids[s.seq.num_computed_tokens] for s in items]
+        for j in range(max(len(s.draft_slots) for s in items)):
+            active = [i for i, s in enumerate(items) if len(s.draft_slots) > j]
+            slots, positions = [], []
+            for i in active:
+                s = items[i]
+                slots.append(s.seq.kv_slots + (s.slots + s.draft_slots)[:j + 1])
+                positions.append(s.seq.kv_positions + list(range(s.seq.num_computed_tokens,
+                                                                 s.seq.num_computed_tokens + j + 1)))
+            meta = AttentionMetadata.from_keys(slots, positions, [1] * len(active), self.device)
+            ids = torch.tensor([current[i] for i in active], dtype=torch.long, device=self.device)
+            hidden = self.model(ids, meta.query_positions, meta, self.kv_caches, layers=self.draft_layers)
+            logits = self.model.compute_logits(hidden)
+            greedy = logits.argmax(-1).tolist()
+            for row, i in enumerate(active):
+                seq = items[i].seq
+                draft = drafts[seq.seq_id]
+                if draft.probs is None:
+                    token = greedy[row]
+                else:
+                    q = distribution(logits[row], seq)
+                    token = draw(q, seq.generator)
+                    draft.probs.append(q)
+                draft.tokens.append(token)
+                current[i] = token
+        return drafts
+
+    @staticmethod
+    def _accept(seq, draft: Draft, logits: torch.Tensor, out: RunnerOutput) -> None:
+        """The tokens a speculating sequence emits this step, from the verify pass's [k + 1, V] logits."""
+        if seq.params.greedy:
+            tokens = accept_greedy(draft.tokens, logits)
+        else:
+            tokens = accept_sampled(draft, torch.stack([distribution(row, seq) for row in logits]), seq.generator)
+        out.sampled[seq.seq_id] = tokens
+        out.accepted_drafts[seq.seq_id] = len(tokens) - 1
+        if seq.params.logprobs is not None:
+            lp = logits[:len(tokens)].log_softmax(-1)
+            out.logprobs[seq.seq_id] = top_logprobs(lp, torch.tensor(tokens, device=lp.device), seq.params.logprobs)
+
     def _bytes_saved(self, seq, update: KvUpdate) -> float:
         """K/V bytes this step's decisions keep out of the cache: the deeper layers of dropped
         rows, and what evicted keys held (a dropped-then-evicted key only its shallow layers)."""
@@ -162,16 +235,16 @@ class ModelRunner:
             (update.new_depths or [self.num_layers] * (len(update.mass) - len(seq.kv_slots)))
         return dropped + sum(full - self.bytes_from[depths[i]] for i in update.evict)
 
-    def _step_pruning(self, sched: SchedulerOutput, slots: list[list[int]],
-                      positions: list[list[int]]) -> StepPruning | None:
+    def _step_pruning(self, sched: SchedulerOutput, slots: list[list[int]], positions: list[list[int]],
+                      num_new: list[int]) -> StepPruning | None:
         """The step's StepPruning, or None when no scheduled sequence prunes its length."""
         if not any(s.seq.prunes_length for s in sched.scheduled):
             return None
         steps = []
-        for s, seq_slots, seq_positions in zip(sched.scheduled, slots, positions):
+        for s, seq_slots, seq_positions, n in zip(sched.scheduled, slots, positions, num_new):
             policy = s.seq.length
             prefill = s.num_new_tokens > 1                  # a decode row is never dropped
-            steps.append(SeqStep(seq_slots, seq_positions, s.seq.kv_depth, s.num_new_tokens,
+            steps.append(SeqStep(seq_slots, seq_positions, s.seq.kv_depth, n,
                                  schedule=list(policy.prefill_keep) if prefill else [],
                                  sinks=policy.prefill_sinks, scores=policy.kv_budget > 0))
         window = max(s.seq.length.window for s in sched.scheduled if s.seq.prunes_length)

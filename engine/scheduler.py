@@ -29,6 +29,7 @@ class ScheduledSequence:
     num_new_tokens: int        # feeds seq.token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
     sample: bool               # the chunk reaches the last known token: sample the next one
     slots: list[int] = field(default_factory=list)   # [num_new_tokens] cache slots their K/V go to
+    draft_slots: list[int] = field(default_factory=list)   # speculative decoding: one slot per draft token
 
 
 @dataclass
@@ -73,15 +74,21 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not bm.allocate(seq, n):
+            # A decode may draft tokens (speculative decoding); without room for them it decodes plainly.
+            k = min(seq.draft_length, budget - n) if n == 1 and self._samples(seq, n) else 0
+            while not bm.allocate(seq, n + k):
+                if k:
+                    k = 0
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n), bm.take_slots(seq, n)))
-                budget -= n
+                out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n), bm.take_slots(seq, n),
+                                                       bm.take_slots(seq, k) if k else []))
+                budget -= n + k
                 i += 1
                 continue
             break
@@ -121,6 +128,13 @@ class Scheduler:
             seq.kv_slots.extend(s.slots)
             seq.kv_positions.extend(range(first, first + s.num_new_tokens))
             seq.num_computed_tokens += s.num_new_tokens
+            if s.draft_slots:
+                # Verified drafts keep their K/V (the verify pass wrote it); rejected ones give theirs back.
+                accepted = result.accepted_drafts.get(seq.seq_id, 0)
+                seq.kv_slots.extend(s.draft_slots[:accepted])
+                seq.kv_positions.extend(range(seq.num_computed_tokens, seq.num_computed_tokens + accepted))
+                seq.num_computed_tokens += accepted
+                self.block_manager.rollback(seq, s.draft_slots[accepted:])
             update = result.kv_updates.get(seq.seq_id)
             if update is None:
                 self.block_manager.register_full_blocks(seq)

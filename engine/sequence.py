@@ -35,6 +35,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of the full blocks
     length: LengthPolicy = field(default_factory=LengthPolicy)   # this request's length-axis policy
+    num_draft_tokens: int = 0                # speculative decoding: tokens drafted per step (0 = off)
     # The sequence's keys in the paged cache, in increasing original position: the length axis
     # removes entries (dropped or evicted tokens) but never renumbers them. One list serves every
     # layer; kv_depth says how deep each key goes.
@@ -68,6 +69,11 @@ class Sequence:
     def prunes_length(self) -> bool:
         """Whether the length axis may change what this sequence's blocks hold or which it keeps."""
         return self.length.is_active
+
+    @property
+    def draft_length(self) -> int:
+        """Tokens to draft this step: at most what max_tokens still allows after the verified one."""
+        return max(0, min(self.num_draft_tokens, self.max_tokens - self.num_output_tokens - 1))
 
     @property
     def num_tokens(self) -> int:

@@ -108,9 +108,12 @@ class PruningRequest(BaseModel):
     kv_budget: StrictInt | None = None          # keys each sequence keeps in decode (sinks + recent + heavy hitters)
     # a fraction of each prefill chunk kept after the default layer, or [[layer, fraction], ...]
     prefill_keep: StrictFloat | StrictInt | list[tuple[StrictInt, StrictFloat | StrictInt]] | None = None
+    speculative: StrictBool | None = None       # lossless self-speculative decoding on or off (default: the server's)
+    num_draft_tokens: StrictInt | None = None   # tokens drafted per step when speculating
 
     def to_engine(self) -> RequestPruning:
-        return RequestPruning(profile=self.profile, kv_budget=self.kv_budget, prefill_keep=self.prefill_keep)
+        return RequestPruning(profile=self.profile, kv_budget=self.kv_budget, prefill_keep=self.prefill_keep,
+                              speculative=self.speculative, num_draft_tokens=self.num_draft_tokens)
 
 
 class _SamplingRequest(_Request):

@@ -29,6 +29,11 @@ class FlopCount:
     prompt_tokens_dropped: int = 0      # prompt rows prefill pruning kept out of deeper layers
     kv_slots_evicted: int = 0           # keys a KV budget evicted
     kv_bytes_saved: float = 0.0         # K/V bytes those tokens do not occupy (dropped: in deeper layers)
+    # Speculative decoding (depth axis): drafts proposed and verified, verify passes, draft FLOPs.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+    draft_flops: float = 0.0
 
     def add(self, other: "FlopCount") -> None:
         self.executed += other.executed
@@ -38,6 +43,10 @@ class FlopCount:
         self.prompt_tokens_dropped += other.prompt_tokens_dropped
         self.kv_slots_evicted += other.kv_slots_evicted
         self.kv_bytes_saved += other.kv_bytes_saved
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        self.verify_steps += other.verify_steps
+        self.draft_flops += other.draft_flops
 
     def summary(self) -> dict:
         """The `usage.pruning` object: executed vs dense FLOPs and the saved fraction per axis."""
@@ -50,14 +59,18 @@ class FlopCount:
             "total_saved_fraction": 1.0 - self.executed / dense,
             "length": {"prompt_tokens_dropped": self.prompt_tokens_dropped,
                        "kv_slots_evicted": self.kv_slots_evicted, "kv_bytes_saved": self.kv_bytes_saved},
+            "speculative": {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                            "verify_steps": self.verify_steps, "draft_flops": self.draft_flops,
+                            "acceptance_rate": self.accepted_tokens / max(self.draft_tokens, 1)},
         }
 
     @classmethod
     def from_summary(cls, summary: dict) -> "FlopCount":
-        length = summary.get("length", {})
+        length, spec = summary.get("length", {}), summary.get("speculative", {})
         return cls(summary["executed_flops"], summary["dense_flops"], dict(summary["saved_flops"]),
                    length.get("prompt_tokens_dropped", 0), length.get("kv_slots_evicted", 0),
-                   length.get("kv_bytes_saved", 0.0))
+                   length.get("kv_bytes_saved", 0.0), spec.get("draft_tokens", 0), spec.get("accepted_tokens", 0),
+                   spec.get("verify_steps", 0), spec.get("draft_flops", 0.0))
 
 
 def merge_summaries(summaries: list[dict]) -> dict:
@@ -131,6 +144,24 @@ class FlopCounter:
         length = attn_coef * (context_sum - attended)
         width = dense - executed - depth - length
         return FlopCount(executed, dense, {"depth": depth, "width": width, "length": length})
+
+    def speculative(self, num_drafts: int, accepted: int, context: int, draft_layers: list[int]) -> FlopCount:
+        """One speculative decode of a sequence with `context` tokens before its current one:
+        `num_drafts` single-token passes through `draft_layers` (original indices) with the LM
+        head, one (num_drafts + 1)-row verify pass, 1 + `accepted` tokens emitted. Against this
+        model decoding those tokens one by one, the difference (more FLOPs, fewer weight passes)
+        goes to the depth axis, where the draft comes from."""
+        d = self.config.head_dim
+        linear = sum(self.layer_linear[i] for i in draft_layers)
+        heads = sum(self.layer_decode_heads[i] for i in draft_layers)
+        draft = sum(linear + 4 * d * heads * (context + j + 1) + self.lm_head for j in range(num_drafts))
+        verify = self.step(num_drafts + 1, context + num_drafts + 1, num_drafts + 1)
+        plain = self.step(accepted + 1, context + accepted + 1, accepted + 1)
+        executed = draft + verify.executed
+        saved = dict(plain.saved)
+        saved["depth"] += plain.executed - executed
+        return FlopCount(executed, plain.dense, saved, draft_tokens=num_drafts, accepted_tokens=accepted,
+                         verify_steps=1, draft_flops=draft)
 
     def step_segments(self, segments: list[tuple[int, int, int, float, float, int]], num_new_tokens: int,
                       context_end: int, num_logit_rows: int, decode: bool = False,

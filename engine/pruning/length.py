@@ -40,6 +40,8 @@ class RequestPruning:
     profile: str | None = None                    # "dense": no dynamic pruning; the served plan's name: its policy
     kv_budget: int | None = None                  # keys kept per sequence in decode (sinks + recent + heavy)
     prefill_keep: float | list[tuple[int, float]] | None = None   # a fraction after the default layer, or a schedule
+    speculative: bool | None = None               # self-speculative decoding on/off (None: the server's default)
+    num_draft_tokens: int | None = None           # tokens drafted per step (None: the server's default)
 
 
 def default_prefill_layer(num_layers: int) -> int:
