@@ -77,13 +77,9 @@ class LLMEngine:
                                   FlopCounter(ckpt.config, shapes, decode_pads=all_heads))
         self.draft_skip: list[int] = []                         # layers a speculative draft skips
         if config.speculative is not None:
-            self.draft_skip = draft_skip_layers(config.speculative.draft, ckpt.config, self.model_name)
             if self.plan is not None and self.plan.length.is_active:
                 raise ValueError("speculative decoding does not combine with a plan that prunes length")
-            present = [i for i, layer in enumerate(self.model.layers) if layer.spec.index not in self.draft_skip]
-            if len(present) == len(self.model.layers):
-                raise ValueError(f"the speculative draft skips layers {self.draft_skip}, which the plan already drops")
-            self.runner.draft_layers = present
+            self.set_draft(draft_skip_layers(config.speculative.draft, ckpt.config, self.model_name))
             log.info("speculative decoding: the draft skips layers %s, %d tokens per step", self.draft_skip,
                      config.speculative.num_draft_tokens)
         self.total_flops = FlopCount()                          # since start, all requests
@@ -112,6 +108,17 @@ class LLMEngine:
         kv_caches = [(torch.zeros(slots, h, cfg.head_dim, dtype=dtype, device=self.device),
                       torch.zeros(slots, h, cfg.head_dim, dtype=dtype, device=self.device)) for h in heads]
         return kv_caches, num_blocks
+
+    def set_draft(self, skip: list[int]) -> None:
+        """The layers (original indices) the speculative draft skips; benchmarks compare drafts on
+        one loaded model by calling this between runs."""
+        present = [i for i, layer in enumerate(self.model.layers) if layer.spec.index not in skip]
+        if len(present) == len(self.model.layers):
+            raise ValueError(f"the speculative draft skips layers {sorted(skip)}, which the plan already drops")
+        if not present:
+            raise ValueError("the speculative draft skips every layer")
+        self.draft_skip = sorted(skip)
+        self.runner.draft_layers = present
 
     # ------------------------------------------------------------------ requests
 

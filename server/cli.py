@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from trident.engine.pruning.depth import DEPTH_COMPENSATIONS
 from trident.engine.pruning.plan import HEAD_UNITS
 from trident.engine.pruning.profiles import PROFILES
@@ -44,6 +44,10 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
         help="weights and KV cache dtype (default auto: bfloat16 on CUDA and on CPUs with bf16 matrix units, else float32)")
     add("--plan", help="pruning plan: a profile (dense, balanced, aggressive) or a plan JSON file")
+    add("--speculative-draft", help="lossless self-speculative decoding: the draft skips the layers a depth plan "
+        "drops (a profile such as depth-4 from `trident calibrate`, or a plan file) or comma-separated layer indices "
+        "(default: off)")
+    add("--num-draft-tokens", type=int, help="tokens drafted per step with --speculative-draft (default 3)")
     add("--device", help="cpu or cuda (default: cuda when available)")
     add("--seed", type=int)
     add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's context)")
@@ -174,8 +178,12 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     scheduler = SchedulerConfig(**given(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                         max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_waiting=args.max_waiting))
+    if args.num_draft_tokens is not None and args.speculative_draft is None:
+        raise ValueError("--num-draft-tokens needs --speculative-draft")
+    speculative = None if args.speculative_draft is None else \
+        SpeculativeConfig(args.speculative_draft, **given(num_draft_tokens=args.num_draft_tokens))
     return EngineConfig(model=args.model, device=device, cache=cache, scheduler=scheduler, plan=args.plan,
-                        **given(dtype=args.dtype, seed=args.seed))
+                        speculative=speculative, **given(dtype=args.dtype, seed=args.seed))
 
 
 def _draining_server(config, app, shutdown_timeout: float):

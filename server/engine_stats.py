@@ -13,10 +13,11 @@ tokens it feeds the model) and `LLMEngine.step() -> list[RequestOutput]` (what c
 in the engine's worker thread; the wrappers only read. When the engine gets a stats hook of its
 own (as vLLM's SchedulerStats and IterationStats), this observer becomes its consumer.
 
-Counters of dynamic pruning that the engine does not count yet are read defensively from its
-`total_flops` (a FlopCount): `prompt_tokens_dropped`, `kv_slots_evicted`, `kv_bytes_saved`
-(length axis), `draft_tokens_proposed`, `draft_tokens_accepted` and `exit_layer_tokens`
-({layer: tokens that exited after it}, depth axis). Until the engine adds them they stay at zero.
+Counters of dynamic pruning are read from the engine's `total_flops` (a FlopCount):
+`prompt_tokens_dropped`, `kv_slots_evicted`, `kv_bytes_saved` (length axis), `draft_tokens`,
+`accepted_tokens`, `verify_steps` and `draft_flops` (speculative decoding, depth axis). Early
+exit's `exit_layer_tokens` ({layer: tokens that exited after it}) is read defensively: the engine
+does not count it yet, so it stays at zero.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ _DYNAMIC_COUNTERS = {
     "prompt_tokens_dropped": ("prompt_tokens_dropped", "length"),
     "kv_slots_evicted": ("kv_slots_evicted", "length"),
     "kv_bytes_saved": ("kv_bytes_saved", "length"),
-    "draft_tokens_proposed": ("draft_tokens_proposed", "depth"),
-    "draft_tokens_accepted": ("draft_tokens_accepted", "depth"),
+    "draft_tokens": ("draft_tokens_proposed", "depth"),
+    "accepted_tokens": ("draft_tokens_accepted", "depth"),
+    "verify_steps": ("speculative_verify_steps", "depth"),
+    "draft_flops": ("draft_flops", "depth"),
 }
 
 
@@ -73,7 +76,7 @@ class EngineStats:
                     arrival = getattr(seq, "arrival_time", now)
                     self.metrics.request_queue_time.labels(self.metrics.model).observe(max(0.0, now - arrival))
             result = execute(sched)
-            num_tokens = sum(s.num_new_tokens for s in sched.scheduled)     # what entered the model
+            num_tokens = sum(s.num_new_tokens + len(s.draft_slots) for s in sched.scheduled)  # what entered the model
             self.metrics.iteration_tokens.labels(self.metrics.model).observe(num_tokens)
             return result
 

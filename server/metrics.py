@@ -135,6 +135,10 @@ class ServerMetrics:
                                        ("axis",))
         self.draft_tokens_accepted = f(Counter, "draft_tokens_accepted", "Self-speculative draft tokens accepted",
                                        ("axis",))
+        self.speculative_verify_steps = f(Counter, "speculative_verify_steps",
+                                          "Self-speculative verify passes (one per sequence and step)", ("axis",))
+        self.draft_flops = f(Counter, "draft_flops", "FLOPs the self-speculative drafts executed (in flops_executed)",
+                             ("axis",))
         self.prompt_tokens_dropped = f(Counter, "prompt_tokens_dropped",
                                        "Prompt tokens dropped for deeper layers during prefill", ("axis",))
         self.kv_slots_evicted = f(Counter, "kv_slots_evicted", "KV-cache slots evicted by the decode budget",
@@ -160,7 +164,8 @@ class ServerMetrics:
             self.flops_saved.labels(m, axis)
             self.seconds_saved.labels(m, axis)
         self.exit_layer.labels(m, "depth")
-        for family in (self.draft_tokens_proposed, self.draft_tokens_accepted):
+        for family in (self.draft_tokens_proposed, self.draft_tokens_accepted, self.speculative_verify_steps,
+                       self.draft_flops):
             family.labels(m, "depth")
         for family in (self.prompt_tokens_dropped, self.kv_slots_evicted, self.kv_bytes_saved):
             family.labels(m, "length")
