@@ -12,7 +12,9 @@ Per draft and draft length, each next to a dense run made just before it:
   all of them at once;
 - quality: instructions whose greedy tokens equal dense's (the mode is lossless: all of them);
 - acceptance: accepted / drafted tokens, and tokens emitted per verify pass;
-- cost model at batch 1: a draft pass and a verify pass against a dense decode step, in ms.
+- cost model at batch 1: a draft pass and a verify pass against a dense decode step, in ms, and
+  the speedup a draft that cost nothing would give at the measured acceptance (the ceiling any
+  cheaper draft of the same quality could reach).
 """
 from __future__ import annotations
 
@@ -114,8 +116,10 @@ def run(args) -> dict:
             row = {"skip": skip, "skipped_layers": sorted(order[:skip]), "draft_tokens": k}
             for batch, label in ((1, "b1"), (len(prompts), f"b{len(prompts)}")):
                 groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-                dense = [decode(llm, g, dense_params) for g in groups]
-                spec = [decode(llm, g, spec_params) for g in groups]
+                dense, spec = [], []
+                for i, g in enumerate(groups):          # side by side, the order alternating
+                    for params, runs in ((dense_params, dense), (spec_params, spec))[::1 if i % 2 else -1]:
+                        runs.append(decode(llm, g, params))
                 tok = lambda runs, key: sum(r[key] for r in runs)                       # noqa: E731
                 row[f"{label}_dense_tok_s"] = tok(dense, "decode_tokens") / tok(dense, "seconds")
                 row[f"{label}_spec_tok_s"] = tok(spec, "decode_tokens") / tok(spec, "seconds")
@@ -129,6 +133,8 @@ def run(args) -> dict:
                     row["dense_step_ms"] = 1e3 * tok(dense, "step_seconds") / tok(dense, "steps")
                     row["draft_pass_ms"] = 1e3 * tok(spec, "draft_seconds") / max(drafted, 1)
                     row["verify_pass_ms"] = 1e3 * (tok(spec, "step_seconds") - tok(spec, "draft_seconds")) / tok(spec, "steps")
+                    # The speedup a draft that cost nothing would give at this acceptance.
+                    row["free_draft_ceiling"] = row["tokens_per_verify"] * row["dense_step_ms"] / row["verify_pass_ms"]
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return {"command": "python -m trident.bench.speculative " + " ".join(sys.argv[1:]), "model": args.model,
@@ -145,13 +151,13 @@ def markdown_table(result: dict) -> str:
              f"lowest Block Influence; every speed ratio is against a dense run made just before it.",
              "",
              f"| draft skips | draft tokens | acceptance | tokens / verify | identical (b1, b{n}) | b1 speedup "
-             f"| b{n} speedup | dense step (ms) | draft pass (ms) | verify pass (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| b{n} speedup | dense step (ms) | draft pass (ms) | verify pass (ms) | free-draft ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['skip']} layers {r['skipped_layers']} | {r['draft_tokens']} | {r['acceptance']:.2f} "
                      f"| {r['tokens_per_verify']:.2f} | {r['b1_identical']}/{n}, {r[f'b{n}_identical']}/{n} "
                      f"| {r['b1_speedup']:.2f}x | {r[f'b{n}_speedup']:.2f}x | {r['dense_step_ms']:.1f} "
-                     f"| {r['draft_pass_ms']:.1f} | {r['verify_pass_ms']:.1f} |")
+                     f"| {r['draft_pass_ms']:.1f} | {r['verify_pass_ms']:.1f} | {r['free_draft_ceiling']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -129,3 +129,41 @@ def test_bad_pruning_objects_get_a_400_naming_the_problem(pruned_server, pruning
         reply = httpx.post(f"{pruned_server.url}{path}", json={**body, "pruning": pruning}, timeout=30)
         assert reply.status_code == 400, reply.text
         assert message in reply.json()["error"]["message"], reply.text
+
+
+@pytest.fixture(scope="module")
+def speculative_server(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("speculative") / "server.log"
+    server = RemoteServer(tiny_model_dir, log, "--speculative-draft", "1,2", "--num-draft-tokens", "2")
+    yield server
+    server.stop()
+
+
+def test_speculative_server_streams_what_dense_greedy_emits(speculative_server):
+    client = openai.OpenAI(base_url=f"{speculative_server.url}/v1", api_key="unused")
+    base = dict(model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0)
+    dense = client.completions.create(**base, extra_body={"ignore_eos": True, "pruning": {"speculative": False}})
+    assert "pruning" not in (dense.usage.model_extra or {})
+    stream = client.completions.create(**base, stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True, "pruning": {"num_draft_tokens": 4}})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == dense.choices[0].text
+    spec = [c.usage for c in chunks if c.usage is not None][-1].model_extra["pruning"]["speculative"]
+    assert spec["draft_tokens"] > 0 and 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
+    assert spec["verify_steps"] > 0 and spec["acceptance_rate"] == pytest.approx(
+        spec["accepted_tokens"] / spec["draft_tokens"])
+    metrics = httpx.get(f"{speculative_server.url}/metrics").text
+    proposed = re.search(r'trident:draft_tokens_proposed_total\{[^}]*axis="depth"[^}]*\} (\S+)', metrics)
+    assert proposed and float(proposed.group(1)) >= spec["draft_tokens"]
+    assert re.search(r'trident:speculative_verify_steps_total\{[^}]*\} [1-9]', metrics)
+
+
+@pytest.mark.parametrize("pruning, message", [
+    ({"num_draft_tokens": 99}, "num_draft_tokens must be in"),
+    ({"speculative": "yes"}, "speculative"),
+    ({"speculative": True, "kv_budget": 64}, "length pruning"),
+])
+def test_speculative_fields_that_cannot_run_are_400(speculative_server, pruning, message):
+    r = httpx.post(f"{speculative_server.url}/v1/completions",
+                   json={"prompt": "hi", "max_tokens": 2, "pruning": pruning})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
