@@ -63,6 +63,13 @@ def _filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.
     return row
 
 
+def distribution(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """[V] probabilities a sampled sequence draws from, given its (penalized) logit row:
+    temperature, then top-k, top-p and min-p."""
+    p = seq.params
+    return _filter(row / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: float32 [N, V], one row per sequence. Returns the sampled ids and, per row, logprobs
     when that sequence asked for them (None otherwise)."""
@@ -74,8 +81,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         p = seq.params
         if p.greedy:
             continue
-        filtered = _filter(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
-        probs = filtered.softmax(-1)
+        probs = distribution(logits[row], seq)
         if seq.generator is not None:   # seeded draws use a CPU generator, whatever the device
             probs = probs.cpu()
         chosen[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]

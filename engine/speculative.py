@@ -30,8 +30,6 @@ from pathlib import Path
 import torch
 
 from trident.engine.config import ModelConfig
-from trident.engine.sampler import _filter
-from trident.engine.sequence import Sequence
 
 
 def draft_skip_layers(draft: str, config: ModelConfig, model_name: str) -> list[int]:
@@ -71,12 +69,6 @@ def speculation_blocker(seq_params) -> str | None:
     if p.min_tokens:
         return "min_tokens"
     return None
-
-
-def distribution(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """[V] probabilities a sampled sequence draws from: temperature, then top-k, top-p and min-p."""
-    p = seq.params
-    return _filter(logits / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
