@@ -23,6 +23,7 @@ from trident.engine.sampling_params import SamplingParams
 from trident.engine.scheduler import Scheduler
 from trident.engine.sequence import Sequence
 from trident.engine.speculative import draft_skip_layers, speculation_blocker
+from trident.engine.step_pruning import ExitProbe
 from trident.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from trident.kernels.attention import decode_computes_all_heads
 
@@ -75,6 +76,14 @@ class LLMEngine:
             shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, decode_heads)
         self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device,
                                   FlopCounter(ckpt.config, shapes, decode_pads=all_heads))
+        # Early exit: the plan's exit points, each a probe on the final-normed state.
+        self.exits = {i: layer.exit for i, layer in enumerate(self.plan.layers) if layer.exit is not None} \
+            if self.plan is not None else {}
+        if self.exits and (self.plan.length.is_active or config.speculative is not None):
+            raise ValueError("a plan with early exits does not combine with length pruning or speculative "
+                             "decoding yet")
+        self.runner.exit_probes = {i: ExitProbe(torch.tensor(e.probe_weight, dtype=torch.float32, device=self.device),
+                                                float(e.probe_bias)) for i, e in self.exits.items()}
         self.draft_skip: list[int] = []                         # layers a speculative draft skips
         if config.speculative is not None:
             if self.plan is not None and self.plan.length.is_active:
@@ -143,6 +152,7 @@ class LLMEngine:
             raise ValueError("prompt logprobs (echo with logprobs) need every prompt token's logits, and "
                              "prefill pruning drops rows before the last layer: turn one of them off")
         self.draft_tokens(params)
+        self.exit_thresholds(params)
         max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
         if n + max_tokens > self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
@@ -184,6 +194,34 @@ class LLMEngine:
             return 0        # the server's default speculation steps aside for what it cannot verify
         return k
 
+    def exit_thresholds(self, params: SamplingParams) -> dict[int, float] | None:
+        """A request's early exits (exit layer -> probe threshold), or None: the plan's, changed by
+        its `pruning` object. ValueError for exits asked for where they cannot run."""
+        request = params.pruning
+        asked = request is not None and (request.early_exit or request.exit_threshold is not None)
+        if request is not None and request.early_exit is False:
+            if request.exit_threshold is not None:
+                raise ValueError("pruning.exit_threshold needs early exit, which pruning.early_exit turns off")
+            return None
+        if not asked and (not self.exits or (request is not None and request.profile == "dense")):
+            return None
+        if not self.exits:
+            raise ValueError("the served plan has no exit points: serve a plan with exits (`trident calibrate "
+                             "--exit-layers ...` writes exit.json) to use pruning.early_exit or exit_threshold")
+        threshold = request.exit_threshold if request is not None else None
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"pruning.exit_threshold must be in [0, 1], got {threshold}")
+        conflict = None
+        if request is not None and (request.speculative or request.num_draft_tokens is not None):
+            conflict = "speculative decoding"
+        elif self.length_policy(params).is_active:
+            conflict = "length pruning (kv_budget, prefill_keep)"
+        if conflict is not None:
+            if asked:
+                raise ValueError(f"early exit does not combine with {conflict} yet: turn one of them off")
+            return None     # the plan's default exits step aside for what the request asked instead
+        return {i: e.threshold if threshold is None else float(threshold) for i, e in self.exits.items()}
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -192,7 +230,8 @@ class LLMEngine:
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens,
-                           length=self.length_policy(child), num_draft_tokens=self.draft_tokens(child))
+                           length=self.length_policy(child), num_draft_tokens=self.draft_tokens(child),
+                           exit_thresholds=self.exit_thresholds(child))
             if child.min_tokens:
                 eos = () if child.ignore_eos else self.tokenizer.eos_token_ids
                 seq.min_tokens_banned = sorted({*child.stop_token_ids, *eos})

@@ -18,7 +18,7 @@ from trident.engine.config import ModelConfig
 from trident.engine.step_pruning import StepPruning
 from trident.kernels.attention import paged_attention, write_kv
 from trident.kernels.metadata import AttentionMetadata
-from trident.kernels.linear import Linear
+from trident.kernels.linear import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +119,19 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, q_size))
 
 
+    def fill_kv(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Write the K/V of rows that skip this layer (they left through an early exit) from their
+        normalized exit state x [R, hidden]: the K and V projections only, so later tokens that
+        attend to them find no hole."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = self.qkv_proj.bias[q_size:] if self.qkv_proj.bias is not None else None
+        kv = linear(x, self.qkv_proj.weight[q_size:], bias)
+        k = apply_rotary(kv[:, :kv_size].view(x.shape[0], self.num_kv_heads, self.head_dim), angles)
+        v = kv[:, kv_size:].view(x.shape[0], self.num_kv_heads, self.head_dim)
+        write_kv(k, v, kv_cache[0], kv_cache[1], slot_mapping)
+
+
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, out_bias: bool = False) -> None:
         super().__init__()
@@ -205,6 +218,14 @@ class LlamaModel(nn.Module):
                 continue
             x = layer(x, angles, meta, kv_cache, pruning.key_mass(layer.spec.index), pruning.window)
             x, angles, meta = pruning.after_layer(layer.spec.index, x, angles)
+            exited = pruning.take_exited()
+            if exited is not None:          # rows that left: K/V of every deeper layer from their exit state
+                states, exit_angles, slots = exited
+                for deeper, deeper_cache in zip(self.layers, kv_caches):
+                    if deeper.spec.index > layer.spec.index:
+                        deeper.self_attn.fill_kv(deeper.input_layernorm(states), exit_angles, slots, deeper_cache)
+        if pruning is not None:
+            x = pruning.merge_exits(x)      # exited rows rejoin, in packed order, for the LM head
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

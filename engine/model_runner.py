@@ -17,7 +17,7 @@ from trident.engine.pruning.length import select_evictions
 from trident.engine.sampler import distribution, sample, top_logprobs
 from trident.engine.scheduler import ScheduledSequence, SchedulerOutput
 from trident.engine.speculative import Draft, accept_greedy, accept_sampled, draw
-from trident.engine.step_pruning import SeqResult, SeqStep, StepPruning
+from trident.engine.step_pruning import ExitProbe, SeqResult, SeqStep, StepPruning
 from trident.kernels.metadata import AttentionMetadata
 
 
@@ -60,6 +60,7 @@ class ModelRunner:
         per_layer = dict(zip(self.present_layers, (2 * k.shape[1] * k.shape[2] * k.element_size() for k, _ in kv_caches)))
         self.bytes_from = [sum(b for i, b in per_layer.items() if i >= d) for d in range(self.num_layers + 1)]
         self.draft_layers: list[int] | None = None      # positions in model.layers a speculative draft runs
+        self.exit_probes: dict[int, ExitProbe] = {}      # early-exit classifiers by layer index (the plan's)
 
     def copy_kv(self, copies: list[tuple[list[int], list[int]]]) -> None:
         """Move compacted sequences' K/V in every layer, in order (a later copy may read what an
@@ -149,6 +150,10 @@ class ModelRunner:
             for s, first in verify:
                 self._accept(s.seq, drafts[s.seq.seq_id], logits[first:first + 1 + len(s.draft_slots)], out)
         results = pruning.finish() if pruning is not None else [None] * len(sched.scheduled)
+        if pruning is not None:                       # the step's shape before any row left
+            decode, batch_keys = pruning.first_meta.is_decode, pruning.first_meta.key_slots.shape[1]
+        else:
+            decode, batch_keys = meta.is_decode, meta.key_slots.shape[1]
         for i, (s, rows, result) in enumerate(zip(sched.scheduled, rows_per_seq, results)):
             context_end = s.seq.num_computed_tokens + s.num_new_tokens
             if s.draft_slots:
@@ -156,11 +161,12 @@ class ModelRunner:
                                                       s.seq.num_computed_tokens, self.draft_layer_indices)
             elif pruning is None:
                 count = self.flop_counter.step(s.num_new_tokens, context_end, rows,
-                                               decode=meta.is_decode, batch_keys=meta.key_slots.shape[1])
+                                               decode=decode, batch_keys=batch_keys)
             else:
                 count = self.flop_counter.step_segments([seg.accounting(i) for seg in pruning.segments],
-                                                        s.num_new_tokens, context_end, rows, decode=meta.is_decode,
-                                                        batch_keys=meta.key_slots.shape[1])
+                                                        s.num_new_tokens, context_end, rows, decode=decode,
+                                                        batch_keys=batch_keys, exit_layer=result.exit_layer,
+                                                        exit_checks=result.exit_checks)
             if result is not None and s.seq.prunes_length:
                 update = self._kv_update(s.seq, result, positions[i])
                 out.kv_updates[s.seq.seq_id] = update
@@ -237,19 +243,22 @@ class ModelRunner:
 
     def _step_pruning(self, sched: SchedulerOutput, slots: list[list[int]], positions: list[list[int]],
                       num_new: list[int]) -> StepPruning | None:
-        """The step's StepPruning, or None when no scheduled sequence prunes its length."""
-        if not any(s.seq.prunes_length for s in sched.scheduled):
+        """The step's StepPruning, or None when no scheduled sequence prunes its length or may exit early."""
+        exits = [s.seq.exit_thresholds if s.num_new_tokens == 1 and s.sample and not s.draft_slots else None
+                 for s in sched.scheduled]
+        if not any(s.seq.prunes_length for s in sched.scheduled) and not any(exits):
             return None
         steps = []
-        for s, seq_slots, seq_positions, n in zip(sched.scheduled, slots, positions, num_new):
+        for s, seq_slots, seq_positions, n, seq_exits in zip(sched.scheduled, slots, positions, num_new, exits):
             policy = s.seq.length
             prefill = s.num_new_tokens > 1                  # a decode row is never dropped
             steps.append(SeqStep(seq_slots, seq_positions, s.seq.kv_depth, n,
                                  schedule=list(policy.prefill_keep) if prefill else [],
-                                 sinks=policy.prefill_sinks, scores=policy.kv_budget > 0))
-        window = max(s.seq.length.window for s in sched.scheduled if s.seq.prunes_length)
+                                 sinks=policy.prefill_sinks, scores=policy.kv_budget > 0, exits=seq_exits))
+        window = max((s.seq.length.window for s in sched.scheduled if s.seq.prunes_length), default=1)
         return StepPruning(steps, self.present_layers, self.num_layers, window, self.device,
-                           decode_pads=self.flop_counter.decode_pads)
+                           decode_pads=self.flop_counter.decode_pads, exit_probes=self.exit_probes,
+                           final_norm=(self.model.norm.weight, self.model.norm.eps))
 
     def _kv_update(self, seq, result: SeqResult, positions: list[int]) -> KvUpdate:
         """Accumulate the step's key mass and pick the keys a KV budget evicts (the kept list's

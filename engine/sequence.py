@@ -36,6 +36,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of the full blocks
     length: LengthPolicy = field(default_factory=LengthPolicy)   # this request's length-axis policy
     num_draft_tokens: int = 0                # speculative decoding: tokens drafted per step (0 = off)
+    exit_thresholds: dict[int, float] | None = None   # early exit: exit layer -> probe threshold (None = off)
     # The sequence's keys in the paged cache, in increasing original position: the length axis
     # removes entries (dropped or evicted tokens) but never renumbers them. One list serves every
     # layer; kv_depth says how deep each key goes.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trident.kernels.backend import tl, triton
+from trident.kernels.backend import tl, triton, use_triton
 from trident.kernels.fused_norm import rms_norm_ref
 from trident.kernels.launch import FLOAT_DTYPES, MIN_DOT, check, check_tensor, dot_precision, num_sms, pow2_at_least
 
@@ -269,3 +269,11 @@ def exit_classifier_ref(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: fl
     exit_mask = score <= threshold if criterion == "entropy" else score >= threshold
     return ExitDecision(exit_mask=exit_mask, exit_rows=exit_mask.nonzero().squeeze(1),
                         continue_rows=(~exit_mask).nonzero().squeeze(1), **stats)
+
+
+def exit_decision(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, threshold: float,
+                  criterion: str = "probe", probe_weight: torch.Tensor | None = None,
+                  probe_bias: float = 0.0, lm_head: torch.Tensor | None = None) -> ExitDecision:
+    """The engine's entry point: the Triton kernels where `use_triton(hidden)`, the twin otherwise."""
+    run = exit_classifier if use_triton(hidden) else exit_classifier_ref
+    return run(hidden, norm_weight, eps, threshold, criterion, probe_weight, probe_bias, lm_head)

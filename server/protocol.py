@@ -110,10 +110,13 @@ class PruningRequest(BaseModel):
     prefill_keep: StrictFloat | StrictInt | list[tuple[StrictInt, StrictFloat | StrictInt]] | None = None
     speculative: StrictBool | None = None       # lossless self-speculative decoding on or off (default: the server's)
     num_draft_tokens: StrictInt | None = None   # tokens drafted per step when speculating
+    early_exit: StrictBool | None = None        # the served plan's early exits on or off (default: on)
+    exit_threshold: StrictFloat | StrictInt | None = None   # one probe threshold in [0, 1] for every exit point
 
     def to_engine(self) -> RequestPruning:
         return RequestPruning(profile=self.profile, kv_budget=self.kv_budget, prefill_keep=self.prefill_keep,
-                              speculative=self.speculative, num_draft_tokens=self.num_draft_tokens)
+                              speculative=self.speculative, num_draft_tokens=self.num_draft_tokens,
+                              early_exit=self.early_exit, exit_threshold=self.exit_threshold)
 
 
 class _SamplingRequest(_Request):

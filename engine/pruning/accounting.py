@@ -34,6 +34,11 @@ class FlopCount:
     accepted_tokens: int = 0
     verify_steps: int = 0
     draft_flops: float = 0.0
+    # Early exit (depth axis): tokens that left after n layers ({n: tokens}), classifications run,
+    # and the FLOPs of those classifications and of the K/V filled for the layers exited tokens skipped.
+    exit_layer_tokens: dict[int, int] = field(default_factory=dict)
+    exit_checks: int = 0
+    exit_flops: float = 0.0
 
     def add(self, other: "FlopCount") -> None:
         self.executed += other.executed
@@ -47,6 +52,10 @@ class FlopCount:
         self.accepted_tokens += other.accepted_tokens
         self.verify_steps += other.verify_steps
         self.draft_flops += other.draft_flops
+        for layers, count in other.exit_layer_tokens.items():
+            self.exit_layer_tokens[layers] = self.exit_layer_tokens.get(layers, 0) + count
+        self.exit_checks += other.exit_checks
+        self.exit_flops += other.exit_flops
 
     def summary(self) -> dict:
         """The `usage.pruning` object: executed vs dense FLOPs and the saved fraction per axis."""
@@ -62,6 +71,9 @@ class FlopCount:
             "speculative": {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
                             "verify_steps": self.verify_steps, "draft_flops": self.draft_flops,
                             "acceptance_rate": self.accepted_tokens / max(self.draft_tokens, 1)},
+            "early_exit": {"tokens_exited": sum(self.exit_layer_tokens.values()),
+                           "exits_after_layers": {str(n): c for n, c in sorted(self.exit_layer_tokens.items())},
+                           "checks": self.exit_checks, "classifier_and_fill_flops": self.exit_flops},
         }
 
     @classmethod
@@ -70,7 +82,10 @@ class FlopCount:
         return cls(summary["executed_flops"], summary["dense_flops"], dict(summary["saved_flops"]),
                    length.get("prompt_tokens_dropped", 0), length.get("kv_slots_evicted", 0),
                    length.get("kv_bytes_saved", 0.0), spec.get("draft_tokens", 0), spec.get("accepted_tokens", 0),
-                   spec.get("verify_steps", 0), spec.get("draft_flops", 0.0))
+                   spec.get("verify_steps", 0), spec.get("draft_flops", 0.0),
+                   {int(n): c for n, c in summary.get("early_exit", {}).get("exits_after_layers", {}).items()},
+                   summary.get("early_exit", {}).get("checks", 0),
+                   summary.get("early_exit", {}).get("classifier_and_fill_flops", 0.0))
 
 
 def merge_summaries(summaries: list[dict]) -> dict:
@@ -117,6 +132,7 @@ class FlopCounter:
         self.layer_linear = [self._linear(s) if s else 0 for s in shapes]
         self.layer_heads = [s.num_heads if s else 0 for s in shapes]
         self.layer_decode_heads = [(s.decode_attention_heads or s.num_heads) if s else 0 for s in shapes]
+        self.layer_kv_heads = [s.num_kv_heads if s else 0 for s in shapes]
 
     def _linear(self, s: LayerShape) -> int:
         h, d = self.config.hidden_size, self.config.head_dim
@@ -165,7 +181,7 @@ class FlopCounter:
 
     def step_segments(self, segments: list[tuple[int, int, int, float, float, int]], num_new_tokens: int,
                       context_end: int, num_logit_rows: int, decode: bool = False,
-                      batch_keys: int | None = None) -> FlopCount:
+                      batch_keys: int | None = None, exit_layer: int | None = None, exit_checks: int = 0) -> FlopCount:
         """FLOPs of one length-pruned sequence's step, whose rows and keys changed between layers.
 
         segments: per stretch of layers, (first layer, last layer, rows, attended keys summed over
@@ -181,7 +197,19 @@ class FlopCounter:
             executed += 4 * d * attended * sum(heads[i] for i in layers)
             executed += 2 * d * scored_pairs * scored_layers * max(heads[i] for i in layers) if scored_layers else 0
         full = self.step(num_new_tokens, context_end, num_logit_rows, decode=decode, batch_keys=batch_keys)
-        unpruned_length = full.executed                   # this model without the length axis
+        # Early exit: a classification is a norm and a probe (6 FLOPs per hidden unit); an exited
+        # decode row fills K and V in every deeper present layer, and skips the rest of them.
+        h = self.config.hidden_size
+        exit_cost, skipped = exit_checks * 6 * h, 0.0
+        if exit_layer is not None:
+            keys = max(batch_keys or 0, context_end) if decode and self.decode_pads else context_end
+            deeper = range(exit_layer + 1, len(self.layer_linear))
+            exit_cost += sum(2 * h * 2 * self.layer_kv_heads[i] * d for i in deeper)
+            skipped = sum(self.layer_linear[i] + 4 * d * keys * heads[i] for i in deeper)
         saved = dict(full.saved)
-        saved["length"] = unpruned_length - executed
-        return FlopCount(executed, full.dense, saved)
+        saved["length"] = full.executed - executed - skipped      # this model without dynamic pruning, less what ran
+        saved["depth"] += skipped - exit_cost
+        count = FlopCount(executed + exit_cost, full.dense, saved, exit_checks=exit_checks, exit_flops=exit_cost)
+        if exit_layer is not None:
+            count.exit_layer_tokens = {exit_layer + 1: 1}
+        return count

@@ -23,9 +23,6 @@ from trident.engine.pruning.plan import PlanError, PruningPlan
 def apply_plan(state: dict[str, torch.Tensor], config: ModelConfig, plan: PruningPlan) -> dict[str, torch.Tensor]:
     """A new state dict for the pruned model (tensors shared with `state` where untouched)."""
     plan.validate(config, PruningPlan.checkpoint_digest(state))
-    if any(layer.exit is not None for layer in plan.layers):
-        raise PlanError(f"plan {plan.name!r} sets early exits, which this engine does not run yet; remove "
-                        f"them to serve its other parts")
     out = dict(state)
     d = config.head_dim
     group = config.num_heads // config.num_kv_heads

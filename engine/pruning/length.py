@@ -42,6 +42,8 @@ class RequestPruning:
     prefill_keep: float | list[tuple[int, float]] | None = None   # a fraction after the default layer, or a schedule
     speculative: bool | None = None               # self-speculative decoding on/off (None: the server's default)
     num_draft_tokens: int | None = None           # tokens drafted per step (None: the server's default)
+    early_exit: bool | None = None                # the plan's early exits on/off (None: on where the plan has them)
+    exit_threshold: float | None = None           # one probe threshold for every exit point (None: the plan's)
 
 
 def default_prefill_layer(num_layers: int) -> int:

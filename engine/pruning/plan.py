@@ -205,10 +205,14 @@ class PruningPlan:
                     raise PlanError(f"{where}: {name} has {len(bias)} values, hidden size is {config.hidden_size}")
             if layer.keep and layer.kept_q_heads == []:
                 raise PlanError(f"{where}: keeps no query heads; drop the layer instead (keep: false)")
-            if layer.exit is not None and layer.exit.probe_weight is not None \
-                    and len(layer.exit.probe_weight) != config.hidden_size:
-                raise PlanError(f"{where}: exit probe has {len(layer.exit.probe_weight)} weights, "
-                                f"hidden size is {config.hidden_size}")
+            if layer.exit is not None:
+                if layer.exit.probe_weight is None or len(layer.exit.probe_weight) != config.hidden_size:
+                    raise PlanError(f"{where}: an exit needs a probe of {config.hidden_size} weights (the hidden "
+                                    f"size), got {None if layer.exit.probe_weight is None else len(layer.exit.probe_weight)}")
+                if not 0.0 <= layer.exit.threshold <= 1.0:
+                    raise PlanError(f"{where}: exit threshold must be in [0, 1], got {layer.exit.threshold}")
+                if not any(later.keep for later in self.layers[i + 1:]):
+                    raise PlanError(f"{where}: an exit after the last kept layer skips nothing")
         try:
             check_length_policy(self.length, config.num_layers, [layer.keep for layer in self.layers])
         except ValueError as e:
