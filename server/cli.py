@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--heal-depths", help="comma-separated depth budgets (layers dropped) to heal with "
                                                  "--heal-steps (default: none)")
     calibrate.add_argument("--heal-lr", type=float, default=2e-4, help="healing learning rate (default %(default)s)")
+    calibrate.add_argument("--exit-layers", help="comma-separated layers after which exit.json lets tokens exit "
+                           "(default: from half the depth on); `none` writes no exit plan")
+    calibrate.add_argument("--exit-agreement", type=float, default=0.95,
+                           help="held-out agreement with the full model that exits must keep (default %(default)s)")
     calibrate.set_defaults(handler=calibrate_command)
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -144,10 +148,19 @@ def calibrate_command(args: argparse.Namespace) -> int:
               f"got {args.heal_depths!r} with --heal-steps {args.heal_steps}", file=sys.stderr)
         return 2
     try:
+        if args.exit_layers is not None:
+            budgets["exit_layers"] = () if args.exit_layers == "none" else \
+                tuple(int(n) for n in args.exit_layers.split(",") if n.strip())
+    except ValueError:
+        print(f"trident calibrate: --exit-layers must be layer indices like 14,19 or none, got {args.exit_layers!r}",
+              file=sys.stderr)
+        return 2
+    try:
         report = calibrate(args.model, Path(args.data), args.tokens, args.eval_tokens,
                            out_dir=Path(args.out) if args.out else None, heal_steps=args.heal_steps,
                            heal_lr=args.heal_lr, compensation=args.compensation,
-                           head_unit=args.head_unit, depth_compensation=args.depth_compensation, **budgets)
+                           head_unit=args.head_unit, depth_compensation=args.depth_compensation,
+                           exit_agreement=args.exit_agreement, **budgets)
     except (ValueError, OSError) as e:
         print(f"trident calibrate: {e}", file=sys.stderr)
         return 2
@@ -158,6 +171,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
     for point in report["depth_sweep"]:
         healed = f"  (healed {point['healing']['steps']} steps)" if "healing" in point else ""
         print(f"  {point['plan']:<12} drops layers {point['dropped']}  perplexity {point['perplexity']:.3f}{healed}")
+    for layer, point in report["exits"].items():
+        print(f"  exit after layer {layer}: threshold {point['threshold']:.3f}, exits {point['exit_rate']:.1%} of "
+              f"held-out tokens at {point['agreement']:.1%} agreement (all tokens: {point['base_agreement']:.1%})")
     print(f"profiles: {report['profiles']}; plans in {report['out_dir']}")
     return 0
 

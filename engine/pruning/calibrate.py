@@ -33,6 +33,7 @@ from trident.engine.model import LlamaModel
 from trident.engine.pruning.apply import apply_plan
 from trident.engine.pruning.depth import (DEPTH_BUDGETS, DEPTH_COMPENSATIONS, budgets_for, collect_run_moments,
                                           depth_plan, rank_layers, sweep_runs)
+from trident.engine.pruning.exits import DEFAULT_AGREEMENT, calibrate_exits, default_exit_layers, exit_plan
 from trident.engine.pruning.heal import heal, layer_tensors
 from trident.engine.pruning.plan import HEAD_UNITS, LayerPlan, PruningPlan
 from trident.engine.pruning.reconstruct import COMPENSATIONS, refit_columns
@@ -44,6 +45,8 @@ WIDTH_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 HEAL_BUDGETS = (0.20, 0.25)              # healed when heal_steps > 0 (each costs heal_steps steps)
 HEAL_VAL_WINDOWS = 8                     # real windows before the held-out end that pick the healing step
 PROFILE_LIMITS = {"balanced": 1.10, "aggressive": 1.30}   # max perplexity ratio to dense
+EXIT_TRAIN_WINDOWS = 12       # calibration windows the exit probes are fitted on
+EXIT_CHECK_WINDOWS = 4        # the windows after them, which pick the thresholds
 
 
 class RunningMoments:
@@ -270,7 +273,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
               out_dir: Path | None = None, dtype: str = "float32", heal_steps: int = 0,
               heal_budgets: tuple[float, ...] = HEAL_BUDGETS, heal_lr: float = 2e-4,
               compensation: str = "least-squares", head_unit: str = "head",
-              depth_compensation: str = "least-squares", heal_depths: tuple[int, ...] = ()) -> dict:
+              depth_compensation: str = "least-squares", heal_depths: tuple[int, ...] = (),
+              exit_layers: tuple[int, ...] | None = None, exit_agreement: float = DEFAULT_AGREEMENT) -> dict:
     """Collect statistics, write importance.json, the width and depth sweeps and the named
     profiles (chosen among width plans); returns a report.
 
@@ -279,6 +283,10 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
     with heal_steps > 0 the budgets in `heal_depths` are healed like width plans.
 
     head_unit: "head" drops single query heads, "group" whole KV groups (width_plan).
+
+    Early exit: `exit.json` is the dense model with exit points after `exit_layers` (default: from
+    half the depth on, engine.pruning.exits), probes fitted on up to EXIT_TRAIN_WINDOWS calibration
+    windows and thresholds picked on the next EXIT_CHECK_WINDOWS for `exit_agreement`.
 
     compensation: "least-squares" refits o_proj / down_proj (engine.pruning.reconstruct), "bias"
     only adds the removed channels' mean. heal_steps > 0 then heals the plans of `heal_budgets`
@@ -304,11 +312,18 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
                          f"budgets {list(DEPTH_BUDGETS)}")
     if not Path(data).is_file():
         raise ValueError(f"calibration data {data} is not a file")
+    if not 0.0 < exit_agreement <= 1.0:
+        raise ValueError(f"exit agreement must be in (0, 1], got {exit_agreement}")
     # Prefix caching off: windows that share leading blocks must still each run in full.
     base = EngineConfig(model=model, dtype=dtype, cache=CacheConfig(enable_prefix_caching=False),
                         scheduler=SchedulerConfig(max_model_len=window + 1, max_num_batched_tokens=window))
     llm = LLM(base)
     depths = budgets_for(llm.engine.model_config.num_layers)
+    num_layers = llm.engine.model_config.num_layers
+    exit_layers = tuple(default_exit_layers(num_layers)) if exit_layers is None else tuple(sorted(set(exit_layers)))
+    if any(not 0 <= i < num_layers - 1 for i in exit_layers):
+        raise ValueError(f"exit layers must be in [0, {num_layers - 1}) (an exit after the last layer skips "
+                         f"nothing), got {list(exit_layers)}")
     if heal_steps > 0 and set(heal_depths) - set(depths):
         raise ValueError(f"heal depths {sorted(set(heal_depths) - set(depths))} leave no layer of "
                          f"{llm.engine.model_config.num_layers}")
@@ -374,6 +389,16 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
         point = {"plan": plan.name, "layers_dropped": n, "dropped": sorted(order[:n]),
                  "compensation": depth_compensation, "runs": runs}
         depth_sweep.append(finish(plan, tensors, point, heal_steps > 0 and n in heal_depths))
+    exits = {}
+    if exit_layers:
+        check_from = max(1, len(calib) - EXIT_CHECK_WINDOWS)
+        found = calibrate_exits(llm, calib[:min(check_from, EXIT_TRAIN_WINDOWS)], calib[check_from:] or calib[-1:],
+                                list(exit_layers), (exit_agreement,))
+        plan = exit_plan(llm.engine.model_config, found, exit_agreement, "exit", digest)
+        plan.save(out_dir / "exit.json")
+        exits = {str(i): {"threshold": e["thresholds"][exit_agreement], "exit_rate": e["exit_rate"][exit_agreement],
+                          "agreement": e["agreement"][exit_agreement], "base_agreement": e["base_agreement"]}
+                 for i, e in found["layers"].items()}
     profiles = {}
     for profile, limit in PROFILE_LIMITS.items():
         ok = [p for p in sweep if p["perplexity"] <= limit * dense_ppl]
@@ -384,6 +409,7 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
         profiles[profile] = best["plan"]
     report = {"model": llm.engine.model_name, "calibration_tokens": sum(map(len, calib)),
               "eval_tokens": sum(map(len, held_out)), "dense_perplexity": dense_ppl, "sweep": sweep,
-              "layer_order": order, "depth_sweep": depth_sweep, "profiles": profiles, "out_dir": str(out_dir)}
+              "layer_order": order, "depth_sweep": depth_sweep, "exit_agreement": exit_agreement, "exits": exits,
+              "profiles": profiles, "out_dir": str(out_dir)}
     (out_dir / "calibration.json").write_text(json.dumps(report, indent=1))
     return report
