@@ -224,6 +224,8 @@ class LlamaModel(nn.Module):
                 for deeper, deeper_cache in zip(self.layers, kv_caches):
                     if deeper.spec.index > layer.spec.index:
                         deeper.self_attn.fill_kv(deeper.input_layernorm(states), exit_angles, slots, deeper_cache)
+            if x.shape[0] == 0:             # every row has left: the deeper layers have nothing to run
+                break
         if pruning is not None:
             x = pruning.merge_exits(x)      # exited rows rejoin, in packed order, for the LM head
         return self.norm(x)

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from trident.engine.loader import load_checkpoint
-from trident.engine.pruning.plan import LayerPlan, PruningPlan
+from trident.engine.pruning.plan import ExitPoint, LayerPlan, PruningPlan
 from tests.test_server import MODEL_NAME, REPO_ROOT, RemoteServer, free_port
 
 
@@ -17,7 +17,9 @@ def pruned_server(tiny_model_dir, tmp_path_factory):
     config = load_checkpoint(str(tiny_model_dir)).config
     plan = PruningPlan.dense(config)
     plan.layers[3].keep = False
-    plan.layers[1] = LayerPlan(kept_q_heads=[0, 1], kept_ffn_channels=list(range(48)))
+    # An exit whose probe scores 0.5 everywhere: the plan's threshold never fires, a request's 0 always does.
+    plan.layers[1] = LayerPlan(kept_q_heads=[0, 1], kept_ffn_channels=list(range(48)),
+                               exit=ExitPoint(threshold=0.9, probe_weight=[0.0] * config.hidden_size))
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     plan.save(path)
     server = RemoteServer(tiny_model_dir, path.with_suffix(".log"), "--plan", str(path))
@@ -54,6 +56,22 @@ def test_usage_carries_pruning_and_metrics_split_savings(pruned_server):
     assert sum(flops.values()) == pytest.approx(total("trident:flops_dense_total") - total("trident:flops_executed_total"))
     assert flops["depth"] > 0 and flops["width"] > 0 and flops["length"] == 0
     assert seconds["depth"] > 0 and seconds["width"] > 0 and seconds["length"] == 0
+
+
+def test_a_request_chooses_its_exit_threshold(pruned_server):
+    url = f"{pruned_server.url}/v1/completions"
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = httpx.post(url, json=body).json()["usage"]["pruning"]["early_exit"]
+    assert plain["tokens_exited"] == 0 and plain["checks"] == 5
+    forced = httpx.post(url, json={**body, "pruning": {"exit_threshold": 0}}).json()["usage"]["pruning"]["early_exit"]
+    assert forced["exits_after_layers"] == {"2": 5}
+    assert httpx.post(url, json={**body, "pruning": {"early_exit": False}}).json()["usage"]["pruning"]["early_exit"] \
+        == {"tokens_exited": 0, "exits_after_layers": {}, "checks": 0, "classifier_and_fill_flops": 0.0}
+    r = httpx.post(url, json={**body, "pruning": {"exit_threshold": 3}})
+    assert r.status_code == 400 and "exit_threshold must be in [0, 1]" in r.json()["error"]["message"]
+    metrics = httpx.get(f"{pruned_server.url}/metrics").text
+    count = re.search(r'trident:exit_layer_count\{[^}]*\} (\S+)', metrics)
+    assert count and float(count.group(1)) >= 5
 
 
 def test_bad_plan_fails_fast(tmp_path):
