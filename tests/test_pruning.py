@@ -36,7 +36,7 @@ def tiny_plan(config: ModelConfig) -> PruningPlan:
 def test_plan_json_round_trip(tmp_path, tiny_model_dir):
     config = load_checkpoint(str(tiny_model_dir)).config
     plan = tiny_plan(config)
-    plan.layers[3].exit = ExitPoint(threshold=0.9, probe_weight=[0.0] * config.hidden_size)
+    plan.layers[2].exit = ExitPoint(threshold=0.9, probe_weight=[0.0] * config.hidden_size)
     plan.length = LengthPolicy(prefill_keep=[(2, 0.5)], decode_sinks=4, decode_recent=64, decode_heavy=32)
     plan.save(tmp_path / "p.json")
     loaded = PruningPlan.load(tmp_path / "p.json")
