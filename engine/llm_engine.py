@@ -16,7 +16,7 @@ from trident.engine.model_runner import ModelRunner, RunnerOutput
 from trident.engine.outputs import CompletionOutput, RequestOutput
 from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
 from trident.engine.pruning.apply import apply_plan
-from trident.engine.pruning.length import resolve_request
+from trident.engine.pruning.length import LOSSLESS_PROFILE, resolve_request
 from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.pruning.profiles import resolve_plan
 from trident.engine.sampling_params import SamplingParams
@@ -171,8 +171,11 @@ class LLMEngine:
         """Tokens a request drafts per step (0: no speculation): the server's default, changed by
         its `pruning` object. ValueError for speculation asked for where it cannot run."""
         request, served = params.pruning, self.config.speculative
-        asked = request is not None and (request.speculative or request.num_draft_tokens is not None)
+        asked = request is not None and (request.speculative or request.num_draft_tokens is not None
+                                         or request.profile == LOSSLESS_PROFILE)
         if request is not None and request.speculative is False:
+            if request.profile == LOSSLESS_PROFILE:
+                raise ValueError("pruning.profile 'lossless' is speculative decoding: it cannot turn speculative off")
             if request.num_draft_tokens is not None:
                 raise ValueError("pruning.num_draft_tokens needs speculative decoding, which pruning.speculative turns off")
             return 0
@@ -202,6 +205,11 @@ class LLMEngine:
         if request is not None and request.early_exit is False:
             if request.exit_threshold is not None:
                 raise ValueError("pruning.exit_threshold needs early exit, which pruning.early_exit turns off")
+            return None
+        if request is not None and request.profile == LOSSLESS_PROFILE:
+            if asked:
+                raise ValueError("pruning.profile 'lossless' runs no early exit (exits change the output): "
+                                 "drop early_exit and exit_threshold")
             return None
         if not asked and (not self.exits or (request is not None and request.profile == "dense")):
             return None

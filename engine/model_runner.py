@@ -173,6 +173,7 @@ class ModelRunner:
                 count.prompt_tokens_dropped = update.num_dropped
                 count.kv_slots_evicted = len(update.evict)
                 count.kv_bytes_saved = self._bytes_saved(s.seq, update)
+            count.tokens, count.layer_tokens = self._layer_tokens(s, result, out.accepted_drafts.get(s.seq.seq_id, 0))
             out.flops[s.seq.seq_id] = count
             out.step_flops.add(count)
         out.step_time = time.perf_counter() - start
@@ -229,6 +230,20 @@ class ModelRunner:
         if seq.params.logprobs is not None:
             lp = logits[:len(tokens)].log_softmax(-1)
             out.logprobs[seq.seq_id] = top_logprobs(lp, torch.tensor(tokens, device=lp.device), seq.params.logprobs)
+
+    def _layer_tokens(self, s: ScheduledSequence, result: SeqResult | None, accepted: int) -> tuple[int, int]:
+        """(tokens the step emitted or fed, layers those rows ran through in total). A speculative
+        step counts its emitted tokens against its draft passes and its verify rows."""
+        present = len(self.present_layers)
+        if s.draft_slots:
+            k = len(s.draft_slots)
+            return accepted + 1, (k + 1) * present + k * len(self.draft_layers or ())
+        if result is None:
+            return s.num_new_tokens, s.num_new_tokens * present
+        depths = list(result.new_depths or [self.num_layers] * s.num_new_tokens)
+        if result.exit_layer is not None:
+            depths[-1] = result.exit_layer + 1
+        return s.num_new_tokens, sum(sum(i < d for i in self.present_layers) for d in depths)
 
     def _bytes_saved(self, seq, update: KvUpdate) -> float:
         """K/V bytes this step's decisions keep out of the cache: the deeper layers of dropped

@@ -95,6 +95,8 @@ def test_a_forced_exit_equals_running_k_layers_and_filling_the_deeper_kv(tiny_mo
     for prompt, out in zip(PROMPTS, outs):
         assert out.outputs[0].token_ids == reference_exit_decode(llm, llm.tokenizer.encode(prompt), 12, exit_after=1)
         assert out.pruning["early_exit"]["exits_after_layers"] == {"2": 11}     # every decode token, after 2 layers
+        prompt_len = len(llm.tokenizer.encode(prompt))
+        assert (out.pruning["tokens"], out.pruning["layer_tokens"]) == (prompt_len + 11, 4 * prompt_len + 2 * 11)
         assert out.pruning["saved_fraction"]["depth"] > 0
     assert llm.engine.block_manager.num_free_blocks == 64
 

@@ -159,6 +159,27 @@ def test_sampled_tokens_follow_dense_in_a_chi_square_test(dense, speculative):
     assert chi_square_p(*counts) > 1e-3, counts
 
 
+def test_the_lossless_profile_speculates_and_refuses_lossy_pruning(dense, speculative):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, pruning=RequestPruning(profile="lossless"))
+    got = speculative.generate(INSTRUCTIONS[:2], params)
+    assert tokens(got) == [t[:12] for t in tokens(dense.generate(INSTRUCTIONS[:2], GREEDY))]
+    for out, instruction in zip(got, INSTRUCTIONS[:2]):
+        # Layers per token: the prompt through 4 layers; each verify pass 4 layers per row, each draft
+        # pass the 2 draft layers; a decode without drafts (the last token) 4.
+        # Prompt tokens the prefix cache already held were not fed again.
+        spec, fed = out.pruning["speculative"], out.pruning["tokens"] - 11
+        assert spec["draft_tokens"] > 0 and 1 <= fed <= len(speculative.tokenizer.encode(instruction))
+        plain = 11 - spec["accepted_tokens"] - spec["verify_steps"]
+        assert out.pruning["layer_tokens"] == 4 * fed + 4 * plain + 4 * (spec["verify_steps"] + spec["draft_tokens"]) \
+            + 2 * spec["draft_tokens"]
+    for pruning, message in ((RequestPruning(profile="lossless", kv_budget=64), "no lossy pruning"),
+                             (RequestPruning(profile="lossless", speculative=False), "cannot turn speculative off")):
+        with pytest.raises(ValueError, match=message):
+            speculative.generate(["hi"], SamplingParams(max_tokens=2, pruning=pruning))
+    with pytest.raises(ValueError, match="not served here"):
+        dense.generate(["hi"], SamplingParams(max_tokens=2, pruning=RequestPruning(profile="lossless")))
+
+
 @pytest.mark.parametrize("pruning, sampling, message", [
     (RequestPruning(speculative=False, num_draft_tokens=2), {}, "turns off"),
     (RequestPruning(num_draft_tokens=0), {}, r"num_draft_tokens must be in \[1, 16\]"),

@@ -39,6 +39,9 @@ class FlopCount:
     exit_layer_tokens: dict[int, int] = field(default_factory=dict)
     exit_checks: int = 0
     exit_flops: float = 0.0
+    # Depth per token: tokens processed and the layers they ran through (drafts and verify rows included).
+    tokens: int = 0
+    layer_tokens: int = 0
 
     def add(self, other: "FlopCount") -> None:
         self.executed += other.executed
@@ -56,6 +59,8 @@ class FlopCount:
             self.exit_layer_tokens[layers] = self.exit_layer_tokens.get(layers, 0) + count
         self.exit_checks += other.exit_checks
         self.exit_flops += other.exit_flops
+        self.tokens += other.tokens
+        self.layer_tokens += other.layer_tokens
 
     def summary(self) -> dict:
         """The `usage.pruning` object: executed vs dense FLOPs and the saved fraction per axis."""
@@ -66,6 +71,8 @@ class FlopCount:
             "saved_flops": dict(self.saved),
             "saved_fraction": {axis: self.saved[axis] / dense for axis in AXES},
             "total_saved_fraction": 1.0 - self.executed / dense,
+            "layers_per_token": self.layer_tokens / max(self.tokens, 1),
+            "tokens": self.tokens, "layer_tokens": self.layer_tokens,
             "length": {"prompt_tokens_dropped": self.prompt_tokens_dropped,
                        "kv_slots_evicted": self.kv_slots_evicted, "kv_bytes_saved": self.kv_bytes_saved},
             "speculative": {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
@@ -85,7 +92,8 @@ class FlopCount:
                    spec.get("verify_steps", 0), spec.get("draft_flops", 0.0),
                    {int(n): c for n, c in summary.get("early_exit", {}).get("exits_after_layers", {}).items()},
                    summary.get("early_exit", {}).get("checks", 0),
-                   summary.get("early_exit", {}).get("classifier_and_fill_flops", 0.0))
+                   summary.get("early_exit", {}).get("classifier_and_fill_flops", 0.0),
+                   summary.get("tokens", 0), summary.get("layer_tokens", 0))
 
 
 def merge_summaries(summaries: list[dict]) -> dict:

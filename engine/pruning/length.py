@@ -29,6 +29,7 @@ import torch
 from trident.engine.pruning.plan import LengthPolicy, check_length_policy
 
 DENSE_PROFILE = "dense"
+LOSSLESS_PROFILE = "lossless"     # no lossy dynamic pruning; speculative decoding on (engine.speculative)
 MIN_KV_BUDGET = 8
 DEFAULT_SINKS = 4
 
@@ -37,7 +38,8 @@ DEFAULT_SINKS = 4
 class RequestPruning:
     """The `pruning` object of a completion request, already type-checked at the HTTP edge."""
 
-    profile: str | None = None                    # "dense": no dynamic pruning; the served plan's name: its policy
+    profile: str | None = None                    # "dense": no dynamic pruning; "lossless": speculation only;
+    #                                               the served plan's name: its policy
     kv_budget: int | None = None                  # keys kept per sequence in decode (sinks + recent + heavy)
     prefill_keep: float | list[tuple[int, float]] | None = None   # a fraction after the default layer, or a schedule
     speculative: bool | None = None               # self-speculative decoding on/off (None: the server's default)
@@ -69,13 +71,16 @@ def resolve_request(request: RequestPruning | None, served: LengthPolicy, served
         return served
     policy = served
     if request.profile is not None:
-        if request.profile == DENSE_PROFILE:
+        if request.profile in (DENSE_PROFILE, LOSSLESS_PROFILE):
             policy = LengthPolicy()
         elif request.profile != served_name:
-            choices = [DENSE_PROFILE] + ([served_name] if served_name and served_name != DENSE_PROFILE else [])
+            choices = [DENSE_PROFILE, LOSSLESS_PROFILE] + \
+                ([served_name] if served_name and served_name != DENSE_PROFILE else [])
             raise ValueError(f"pruning.profile {request.profile!r} is not served here: per request, a profile "
                              f"chooses only the dynamic pruning of the loaded plan; choose one of {choices} "
                              f"(start the server with --plan {request.profile} to serve it)")
+    if request.profile == LOSSLESS_PROFILE and (request.kv_budget is not None or request.prefill_keep is not None):
+        raise ValueError("pruning.profile 'lossless' runs no lossy pruning: drop kv_budget and prefill_keep")
     if request.kv_budget is not None:
         policy = budget_policy(request.kv_budget, policy)
     if request.prefill_keep is not None:
