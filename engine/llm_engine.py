@@ -83,7 +83,7 @@ class LLMEngine:
             raise ValueError("a plan with early exits does not combine with length pruning or speculative "
                              "decoding yet")
         self.runner.exit_probes = {i: ExitProbe(torch.tensor(e.probe_weight, dtype=torch.float32, device=self.device),
-                                                float(e.probe_bias)) for i, e in self.exits.items()}
+                                                float(e.probe_bias), float(e.temperature)) for i, e in self.exits.items()}
         self.draft_skip: list[int] = []                         # layers a speculative draft skips
         if config.speculative is not None:
             if self.plan is not None and self.plan.length.is_active:

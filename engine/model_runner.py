@@ -84,6 +84,7 @@ class ModelRunner:
         verify: list[tuple[ScheduledSequence, int]] = []   # speculating sequences and their first logit row
         prompt_lp: list[tuple] = []         # (seq, slice of logit rows, target ids)
         rows_per_seq = []                   # logit rows each sequence needs (for accounting)
+        sample_row_of: dict[int, int] = {}  # scheduled index -> its sampling row in logit_rows
         for s in sched.scheduled:
             seq, lo = s.seq, len(input_ids)
             rows_before = len(logit_rows)
@@ -109,6 +110,7 @@ class ModelRunner:
                     logit_rows.append(lo + s.num_new_tokens - 1)
                 sample_seqs.append(seq)
                 sample_rows.append(len(logit_rows) - 1)
+                sample_row_of[len(rows_per_seq)] = len(logit_rows) - 1
             rows_per_seq.append(len(logit_rows) - rows_before)
         num_new = [s.num_new_tokens + len(s.draft_slots) for s in sched.scheduled]
         slots = [s.seq.kv_slots + s.slots + s.draft_slots for s in sched.scheduled]
@@ -136,6 +138,8 @@ class ModelRunner:
             if len(logit_rows) != hidden.shape[0]:
                 hidden = hidden[torch.tensor(logit_rows, device=self.device)]
             logits = self.model.compute_logits(hidden)
+            if pruning is not None and pruning.exited:
+                logits = self._soften_exits(logits, pruning, sample_row_of)
             for seq, rows, targets in prompt_lp:
                 lp = logits[rows].log_softmax(-1)
                 k = seq.params.prompt_logprobs
@@ -217,6 +221,14 @@ class ModelRunner:
                 draft.tokens.append(token)
                 current[i] = token
         return drafts
+
+    def _soften_exits(self, logits: torch.Tensor, pruning: StepPruning, sample_row_of: dict[int, int]) -> torch.Tensor:
+        """Divide the logits of rows that left through an exit by that exit's temperature."""
+        scale = torch.ones(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
+        for i, layer in enumerate(pruning.exit_layer):
+            if layer is not None:
+                scale[sample_row_of[i]] = 1.0 / self.exit_probes[layer].temperature
+        return logits * scale
 
     @staticmethod
     def _accept(seq, draft: Draft, logits: torch.Tensor, out: RunnerOutput) -> None:

@@ -79,6 +79,7 @@ class ExitProbe:
 
     weight: torch.Tensor             # [hidden] float32
     bias: float
+    temperature: float = 1.0         # an exited token's logits are divided by this
 
 
 class StepPruning:

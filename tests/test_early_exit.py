@@ -10,7 +10,7 @@ from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.loader import load_checkpoint
 from trident.engine.pruning.calibrate import calibrate
-from trident.engine.pruning.exits import ExitData, default_exit_layers, fit_probe, pick_threshold
+from trident.engine.pruning.exits import TEMPERATURES, ExitData, default_exit_layers, fit_probe, pick_threshold
 from trident.engine.pruning.length import RequestPruning
 from trident.engine.pruning.plan import ExitPoint, PlanError, PruningPlan
 from trident.engine.sampling_params import SamplingParams
@@ -64,15 +64,18 @@ def test_a_threshold_that_never_fires_equals_dense_bit_for_bit(tiny_model_dir, t
         assert g.pruning["saved_fraction"]["depth"] < 0                 # the checks cost, nothing was saved
 
 
-def reference_exit_decode(llm: LLM, prompt: list[int], steps: int, exit_after: int) -> list[int]:
+def reference_exit_decode(llm: LLM, prompt: list[int], steps: int, exit_after: int,
+                          temperature: float = 1.0) -> tuple[list[int], list[float]]:
     """Greedy decode on fresh caches: the prompt through every layer, then each token through
-    layers 0..exit_after, K/V of the deeper layers from its exit state, logits from that state."""
+    layers 0..exit_after, K/V of the deeper layers from its exit state, logits from that state
+    (divided by `temperature`). Returns the tokens and each one's log-probability."""
     model = llm.engine.model
     caches = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in llm.engine.runner.kv_caches]
     n = len(prompt)
     with torch.inference_mode():
         meta = AttentionMetadata.from_keys([list(range(n))], [list(range(n))], [n])
-        tokens = [int(model.compute_logits(model(torch.tensor(prompt), meta.query_positions, meta, caches))[-1].argmax())]
+        first = model.compute_logits(model(torch.tensor(prompt), meta.query_positions, meta, caches))[-1]
+        tokens, logprobs = [int(first.argmax())], [float(first.log_softmax(-1).max())]
         for _ in range(steps - 1):
             p = n + len(tokens) - 1
             meta = AttentionMetadata.from_keys([list(range(p + 1))], [list(range(p + 1))], [1])
@@ -83,17 +86,24 @@ def reference_exit_decode(llm: LLM, prompt: list[int], steps: int, exit_after: i
                     x = layer(x, angles, meta, cache)
                 else:
                     layer.self_attn.fill_kv(layer.input_layernorm(x), angles, meta.slot_mapping, cache)
-            tokens.append(int(model.compute_logits(model.norm(x))[-1].argmax()))
-    return tokens
+            logits = model.compute_logits(model.norm(x))[-1] / temperature
+            tokens.append(int(logits.argmax()))
+            logprobs.append(float(logits.log_softmax(-1).max()))
+    return tokens, logprobs
 
 
-def test_a_forced_exit_equals_running_k_layers_and_filling_the_deeper_kv(tiny_model_dir, tmp_path, hidden):
-    path = exit_plan_file(tiny_model_dir, tmp_path / "p.json", {1: probe(hidden, 0.1)})
-    llm = make_llm(tiny_model_dir, path)
-    forced = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, pruning=RequestPruning(exit_threshold=0.0))
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_a_forced_exit_equals_running_k_layers_and_filling_the_deeper_kv(tiny_model_dir, tmp_path, hidden, temperature):
+    point = probe(hidden, 0.1)
+    point.temperature = temperature
+    llm = make_llm(tiny_model_dir, exit_plan_file(tiny_model_dir, tmp_path / "p.json", {1: point}))
+    forced = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0,
+                            pruning=RequestPruning(exit_threshold=0.0))
     outs = llm.generate(PROMPTS, forced)
     for prompt, out in zip(PROMPTS, outs):
-        assert out.outputs[0].token_ids == reference_exit_decode(llm, llm.tokenizer.encode(prompt), 12, exit_after=1)
+        want, want_logprobs = reference_exit_decode(llm, llm.tokenizer.encode(prompt), 12, 1, temperature)
+        assert out.outputs[0].token_ids == want
+        assert chosen_logprobs(out) == pytest.approx(want_logprobs, abs=1e-5)
         assert out.pruning["early_exit"]["exits_after_layers"] == {"2": 11}     # every decode token, after 2 layers
         prompt_len = len(llm.tokenizer.encode(prompt))
         assert (out.pruning["tokens"], out.pruning["layer_tokens"]) == (prompt_len + 11, 4 * prompt_len + 2 * 11)
@@ -162,6 +172,7 @@ def test_calibrate_writes_an_exit_plan_the_engine_serves(tiny_model_dir, tmp_pat
     report = calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=256, eval_tokens=128, window=64,
                        out_dir=tmp_path / "out", exit_layers=(1,), exit_agreement=0.9)
     assert set(report["exits"]) == {"1"} and 0 <= report["exits"]["1"]["threshold"] <= 1
+    assert report["exits"]["1"]["temperature"] in TEMPERATURES
     plan = json.loads((tmp_path / "out" / "exit.json").read_text())
     assert plan["layers"][1]["exit"]["threshold"] == report["exits"]["1"]["threshold"]
     out = make_llm(tiny_model_dir, str(tmp_path / "out" / "exit.json")).generate(PROMPTS[:1], GREEDY)[0]

@@ -396,7 +396,8 @@ def calibrate(model: str, data: Path, num_tokens: int = 32768, eval_tokens: int 
                                 list(exit_layers), (exit_agreement,))
         plan = exit_plan(llm.engine.model_config, found, exit_agreement, "exit", digest)
         plan.save(out_dir / "exit.json")
-        exits = {str(i): {"threshold": e["thresholds"][exit_agreement], "exit_rate": e["exit_rate"][exit_agreement],
+        exits = {str(i): {"threshold": e["thresholds"][exit_agreement], "temperature": e["temperature"],
+                          "exit_rate": e["exit_rate"][exit_agreement],
                           "agreement": e["agreement"][exit_agreement], "base_agreement": e["base_agreement"]}
                  for i, e in found["layers"].items()}
     profiles = {}

@@ -3,6 +3,10 @@ the final-normed state predicts whether the prediction there (the final norm and
 applied to that layer's output) equals the full model's; a token exits when the probe's
 probability reaches the layer's threshold.
 
+Untrained exit states are overconfident through the final norm and LM head: each exit gets a
+temperature, the one (of TEMPERATURES) whose softened distribution is closest to the full model's
+(cross-entropy against its probabilities) on the calibration tokens whose early argmax agrees.
+
 The probe is a logistic regression fitted on calibration text. Each layer's threshold is the
 lowest at which, on held-out tokens, the tokens the probe lets out agree with the full model at
 least `target` of the time (1.0, the highest, when no threshold does). Thresholds are per layer
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
 
 EXIT_FRACTIONS = (0.5, 0.625, 0.75, 0.875)     # default exit layers, as fractions of the depth
 DEFAULT_AGREEMENT = 0.95
+TEMPERATURES = (0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0)
+TEMPERATURE_ROWS = 128        # agreeing tokens per window and layer the temperature is fitted on
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
@@ -38,6 +44,7 @@ def default_exit_layers(num_layers: int) -> list[int]:
 class ExitData:
     features: torch.Tensor      # [N, hidden] float32: the final-normed state after the layer
     agrees: torch.Tensor        # [N] bool: its prediction equals the full model's
+    cross_entropy: torch.Tensor | None = None   # [len(TEMPERATURES)] summed over agreeing tokens
 
 
 def collect_exit_data(llm: LLM, windows: list[list[int]], layers: list[int], desc: str = "exit statistics") -> dict[int, ExitData]:
@@ -51,6 +58,8 @@ def collect_exit_data(llm: LLM, windows: list[list[int]], layers: list[int], des
     states: dict[int, torch.Tensor] = {}
     final: list[torch.Tensor] = []
     data: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in layers}
+    temps = torch.tensor(TEMPERATURES)
+    cross_entropy = {i: torch.zeros(len(TEMPERATURES), dtype=torch.float64) for i in layers}
 
     def keep_state(i):
         def hook(module, args, out):
@@ -65,15 +74,23 @@ def collect_exit_data(llm: LLM, windows: list[list[int]], layers: list[int], des
             final.clear()
             llm.generate([window], SamplingParams(max_tokens=0))
             with torch.inference_mode():
-                target = model.compute_logits(final[-1]).argmax(-1)
+                final_logits = model.compute_logits(final[-1])
+                target = final_logits.argmax(-1)
                 for i in layers:
                     normed = rms_norm_ref(states[i], norm_w, eps)
-                    early = model.compute_logits(normed).argmax(-1)
-                    data[i].append((normed.float().cpu(), (early == target).cpu()))
+                    logits = model.compute_logits(normed)
+                    agrees = logits.argmax(-1) == target
+                    data[i].append((normed.float().cpu(), agrees.cpu()))
+                    rows = agrees.nonzero().squeeze(1)[:TEMPERATURE_ROWS]
+                    if len(rows):
+                        p = final_logits[rows].softmax(-1)
+                        for t, temp in enumerate(temps):
+                            cross_entropy[i][t] -= (p * (logits[rows] / temp).log_softmax(-1)).sum().double()
     finally:
         for h in hooks:
             h.remove()
-    return {i: ExitData(torch.cat([f for f, _ in parts]), torch.cat([a for _, a in parts])) for i, parts in data.items()}
+    return {i: ExitData(torch.cat([f for f, _ in parts]), torch.cat([a for _, a in parts]), cross_entropy[i])
+            for i, parts in data.items()}
 
 
 def fit_probe(data: ExitData, steps: int = 100, l2: float = 1e-3) -> tuple[torch.Tensor, float]:
@@ -122,6 +139,7 @@ def calibrate_exits(llm: LLM, train: list[list[int]], held_out: list[list[int]],
         weight, bias = fit_probe(fit[i])
         scores = probe_scores(check[i], weight, bias)
         entry = {"weight": weight, "bias": bias, "base_agreement": float(check[i].agrees.double().mean()),
+                 "temperature": TEMPERATURES[int(fit[i].cross_entropy.argmin())] if fit[i].cross_entropy.any() else 1.0,
                  "thresholds": {}, "exit_rate": {}, "agreement": {}}
         for target in targets:
             t = pick_threshold(scores, check[i].agrees, target)
@@ -141,5 +159,5 @@ def exit_plan(config, calibration: dict, target: float, name: str, digest: str |
         plan.model["digest"] = digest
     for i, entry in calibration["layers"].items():
         plan.layers[i].exit = ExitPoint(threshold=entry["thresholds"][target], probe_weight=entry["weight"].tolist(),
-                                        probe_bias=entry["bias"])
+                                        probe_bias=entry["bias"], temperature=entry["temperature"])
     return plan

@@ -43,6 +43,7 @@ class ExitPoint:
     threshold: float
     probe_weight: list[float] | None = None   # [hidden] linear probe on the normalized state
     probe_bias: float = 0.0
+    temperature: float = 1.0                   # an exited token's logits are divided by this
 
 
 @dataclass
@@ -302,6 +303,8 @@ def _layer_from_json(raw, where: str) -> LayerPlan:
         except TypeError as e:
             raise PlanError(f"{where}: malformed 'exit': {e}") from e
         _list_of(exit_point.probe_weight, _is_number, f"{where}: exit 'probe_weight'", "numbers")
+        if not _is_number(exit_point.temperature) or not exit_point.temperature > 0:
+            raise PlanError(f"{where}: exit 'temperature' must be a positive number, got {exit_point.temperature!r}")
         if not _is_number(exit_point.probe_bias):
             raise PlanError(f"{where}: exit 'probe_bias' must be a number, got {exit_point.probe_bias!r}")
     return LayerPlan(keep=keep, exit=exit_point, **lists)
