@@ -42,7 +42,8 @@ TRAIN_WINDOWS, CHECK_WINDOWS, WINDOW = 12, 4, 512
 
 
 class StepLogits:
-    """While installed, keeps each step's logits and the sequences they sample for, in row order."""
+    """While installed, keeps each step's logits (exited rows softened by their exit temperature, as
+    the engine samples them) and the sequences they sample for, in row order."""
 
     def __init__(self, llm: LLM) -> None:
         self.engine = llm.engine
@@ -50,11 +51,15 @@ class StepLogits:
 
     def __enter__(self):
         runner, model = self.engine.runner, self.engine.model
-        self.execute, self.compute_logits = runner.execute, model.compute_logits
+        self.execute, self.compute_logits, self.soften = runner.execute, model.compute_logits, runner._soften_exits
         last: dict[str, torch.Tensor] = {}
 
         def logits(hidden):
             last["logits"] = self.compute_logits(hidden)
+            return last["logits"]
+
+        def soften(*args):              # exited rows' logits after their exit temperature
+            last["logits"] = self.soften(*args)
             return last["logits"]
 
         def execute(sched):
@@ -63,11 +68,12 @@ class StepLogits:
             seqs = [s.seq for s in sched.scheduled if s.sample]
             self.rows = list(zip(seqs, last["logits"])) if seqs else []
             return out
-        runner.execute, model.compute_logits = execute, logits
+        runner.execute, model.compute_logits, runner._soften_exits = execute, logits, soften
         return self
 
     def __exit__(self, *exc):
-        self.engine.runner.execute, self.engine.model.compute_logits = self.execute, self.compute_logits
+        runner = self.engine.runner
+        runner.execute, self.engine.model.compute_logits, runner._soften_exits = self.execute, self.compute_logits, self.soften
 
 
 def teacher_forced(llm: LLM, passages: list[list[int]], context: int, params: SamplingParams) -> dict:
