@@ -167,8 +167,10 @@ class BlockManager:
         unpruned sequences publish: their block i holds positions [i * size, (i + 1) * size)."""
         if not self.enable_prefix_caching or seq.prunes_length:
             return
-        # Tokens accepted from a speculative draft are computed before they join token_ids.
-        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        # Tokens accepted from a speculative draft are computed before they join token_ids; K/V an
+        # early exit filled from its exit state is not the full model's and is never shared.
+        exact = seq.num_computed_tokens if seq.exact_kv_tokens is None else seq.exact_kv_tokens
+        num_full = min(exact, seq.num_tokens) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             prev = seq.block_hashes[-1] if seq.block_hashes else 0
             h = hash((prev, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])))

@@ -211,7 +211,11 @@ class LLMEngine:
                 raise ValueError("pruning.profile 'lossless' runs no early exit (exits change the output): "
                                  "drop early_exit and exit_threshold")
             return None
-        if not asked and (not self.exits or (request is not None and request.profile == "dense")):
+        if request is not None and request.profile == "dense":
+            if asked:
+                raise ValueError("pruning.profile 'dense' runs no dynamic pruning: drop early_exit and exit_threshold")
+            return None
+        if not asked and not self.exits:
             return None
         if not self.exits:
             raise ValueError("the served plan has no exit points: serve a plan with exits (`trident calibrate "

@@ -37,6 +37,7 @@ class RunnerOutput:
     sampled: dict[int, list[int]] = field(default_factory=dict)             # seq_id -> new token ids (1 + accepted drafts)
     logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> their logprobs
     accepted_drafts: dict[int, int] = field(default_factory=dict)           # seq_id -> drafts verified (speculative)
+    exited: set[int] = field(default_factory=set)                           # seq_ids whose row left through an exit
     draft_time: float = 0.0                                                 # seconds of step_time spent drafting
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> one per prompt token
     num_tokens: int = 0                                                     # tokens run through the model
@@ -178,6 +179,8 @@ class ModelRunner:
                 count.kv_slots_evicted = len(update.evict)
                 count.kv_bytes_saved = self._bytes_saved(s.seq, update)
             count.tokens, count.layer_tokens = self._layer_tokens(s, result, out.accepted_drafts.get(s.seq.seq_id, 0))
+            if result is not None and result.exit_layer is not None:
+                out.exited.add(s.seq.seq_id)
             out.flops[s.seq.seq_id] = count
             out.step_flops.add(count)
         out.step_time = time.perf_counter() - start
@@ -271,8 +274,8 @@ class ModelRunner:
     def _step_pruning(self, sched: SchedulerOutput, slots: list[list[int]], positions: list[list[int]],
                       num_new: list[int]) -> StepPruning | None:
         """The step's StepPruning, or None when no scheduled sequence prunes its length or may exit early."""
-        exits = [s.seq.exit_thresholds if s.num_new_tokens == 1 and s.sample and not s.draft_slots else None
-                 for s in sched.scheduled]
+        exits = [s.seq.exit_thresholds if s.num_new_tokens == 1 and s.sample and s.seq.max_tokens > 0
+                 and not s.draft_slots else None for s in sched.scheduled]
         if not any(s.seq.prunes_length for s in sched.scheduled) and not any(exits):
             return None
         steps = []

@@ -2,7 +2,8 @@
 seeds, logprobs.
 
 Greedy rows take a vectorized argmax. Random rows are sampled one by one so each seeded request
-draws from its own generator: the same seed gives the same tokens whatever else is in the batch.
+draws from its own generator: the same seed gives the same tokens whatever else is in the batch
+(speculative decoding aside: engine/speculative.py).
 Reported logprobs are those of the model's distribution (log-softmax of raw logits), as vLLM does.
 """
 from __future__ import annotations

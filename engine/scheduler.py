@@ -74,25 +74,28 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            # A decode may draft tokens (speculative decoding); without room for them it decodes plainly.
-            k = min(seq.draft_length, budget - n) if n == 1 and self._samples(seq, n) else 0
-            while not bm.allocate(seq, n + k):
-                if k:
-                    k = 0
-                    continue
+            while not bm.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n), bm.take_slots(seq, n),
-                                                       bm.take_slots(seq, k) if k else []))
-                budget -= n + k
+                out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n), bm.take_slots(seq, n)))
+                budget -= n
                 i += 1
                 continue
             break
-        # 2. Admit waiting sequences while there is room (not in a step that had to preempt).
+        # 2. Speculative drafts, from what every running sequence's own step left: tokens and free
+        #    blocks; a draft never costs another sequence its decode or its blocks.
+        for s in out.scheduled:
+            k = min(s.seq.draft_length, budget) if s.num_new_tokens == 1 and s.sample else 0
+            if k and not bm.allocate(s.seq, k):
+                k = min(k, len(s.seq.free_slots))       # its last block's reserve costs no new block
+            if k:
+                s.draft_slots = bm.take_slots(s.seq, k)
+                budget -= k
+        # 3. Admit waiting sequences while there is room (not in a step that had to preempt).
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]          # waiting sequences hold no blocks
             seq.num_computed_tokens = bm.match_prefix(seq)
@@ -128,6 +131,10 @@ class Scheduler:
             seq.kv_slots.extend(s.slots)
             seq.kv_positions.extend(range(first, first + s.num_new_tokens))
             seq.num_computed_tokens += s.num_new_tokens
+            if seq.seq_id in result.exited and seq.exact_kv_tokens is None:
+                # The exited token's deeper K/V came from its exit state: blocks from it on are not
+                # what the full model computes, so prefix caching must never share them.
+                seq.exact_kv_tokens = first
             if s.draft_slots:
                 # Verified drafts keep their K/V (the verify pass wrote it); rejected ones give theirs back.
                 accepted = result.accepted_drafts.get(seq.seq_id, 0)

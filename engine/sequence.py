@@ -37,6 +37,7 @@ class Sequence:
     length: LengthPolicy = field(default_factory=LengthPolicy)   # this request's length-axis policy
     num_draft_tokens: int = 0                # speculative decoding: tokens drafted per step (0 = off)
     exit_thresholds: dict[int, float] | None = None   # early exit: exit layer -> probe threshold (None = off)
+    exact_kv_tokens: int | None = None       # tokens before the first early exit (None: no exit yet)
     # The sequence's keys in the paged cache, in increasing original position: the length axis
     # removes entries (dropped or evicted tokens) but never renumbers them. One list serves every
     # layer; kv_depth says how deep each key goes.
@@ -65,6 +66,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table, self.block_hashes, self.free_slots = [], [], []
         self.kv_slots, self.kv_positions, self.kv_depth, self.kv_mass = [], [], None, None
+        self.exact_kv_tokens = None
 
     @property
     def prunes_length(self) -> bool:

@@ -17,6 +17,10 @@ Per decode step of a sequence that speculates (`Sequence.num_draft_tokens` > 0):
 4. Roll back: the slots of rejected drafts go back to the sequence's reserve, and blocks left
    holding none of its tokens go back to the block manager (`BlockManager.rollback`).
 
+Seeds: drafts and acceptance draw from the request's generator, and how many tokens a step
+drafts depends on the room the step has, so a seeded speculating request follows the model's
+distribution but its exact tokens can differ from a plain run's and between batches.
+
 What the draft skips is a depth plan's dropped layers (`trident calibrate` ranks them by Block
 Influence and writes `depth-N` plans) or an explicit list. The draft shares the served weights, so
 a plan's compensation is not part of it; verification makes any draft lossless, a better one only

@@ -177,3 +177,32 @@ def test_calibrate_writes_an_exit_plan_the_engine_serves(tiny_model_dir, tmp_pat
     assert plan["layers"][1]["exit"]["threshold"] == report["exits"]["1"]["threshold"]
     out = make_llm(tiny_model_dir, str(tmp_path / "out" / "exit.json")).generate(PROMPTS[:1], GREEDY)[0]
     assert out.pruning["early_exit"]["checks"] == 11
+
+
+def test_a_prompt_only_request_next_to_exiting_rows_and_no_shared_approximate_kv(tiny_model_dir, tmp_path, hidden):
+    """A max_tokens=0 request whose last prompt chunk is one token (after a prefix-cache hit) runs
+    beside rows that exit; and blocks whose K/V an exit filled are never reused by prefix caching."""
+    llm = make_llm(tiny_model_dir, exit_plan_file(tiny_model_dir, tmp_path / "p.json", {1: probe(hidden, 0.1)}))
+    forced = RequestPruning(exit_threshold=0.0)
+    prompt = llm.tokenizer.encode(" ".join(["word"] * 200))[:33]          # two full blocks and one token
+    llm.generate([prompt], SamplingParams(max_tokens=1))                    # publish its full blocks
+    outs = llm.generate([prompt, PROMPTS[0]], [SamplingParams(max_tokens=0, pruning=forced),
+                                               SamplingParams(max_tokens=8, ignore_eos=True, pruning=forced)])
+    assert outs[0].outputs[0].token_ids == [] and len(outs[1].outputs[0].token_ids) == 8
+    # A follow-up turn over a forced-exit completion, without exits, equals a fresh dense engine's.
+    first = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, pruning=forced))[0]
+    follow = llm.tokenizer.encode(PROMPTS[1]) + first.outputs[0].token_ids + [5, 6, 7]
+    plain = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0,
+                           pruning=RequestPruning(early_exit=False))
+    got = llm.generate([follow], plain)[0]
+    want = make_llm(tiny_model_dir).generate([follow], plain)[0]
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert chosen_logprobs(got) == pytest.approx(chosen_logprobs(want), abs=1e-5)
+
+
+def test_the_dense_profile_refuses_exits(tiny_model_dir, tmp_path, hidden):
+    llm = make_llm(tiny_model_dir, exit_plan_file(tiny_model_dir, tmp_path / "p.json", {1: probe(hidden, 0.1)}))
+    with pytest.raises(ValueError, match="'dense' runs no dynamic pruning"):
+        llm.generate(["hi"], SamplingParams(max_tokens=2, pruning=RequestPruning(profile="dense", exit_threshold=0.5)))
+    out = llm.generate(["hi"], SamplingParams(max_tokens=4, ignore_eos=True, pruning=RequestPruning(profile="dense")))[0]
+    assert out.pruning["early_exit"]["checks"] == 0

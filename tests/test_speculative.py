@@ -216,3 +216,24 @@ def test_draft_layers_from_a_list_or_a_depth_plan(tiny_model_dir, tmp_path, dens
     path.write_text(json.dumps({**json.loads(plan.to_json()), "layers": json.loads(plan.to_json())["layers"][:2]}))
     with pytest.raises(ValueError):
         draft_skip_layers(str(path), config, "tiny")
+
+
+def test_drafts_never_cost_another_sequence_its_decode(tiny_model_dir):
+    """Drafts come from what the running sequences' own steps leave: with a 40-token budget and
+    16 drafts each, every one of 8 decoding sequences is still scheduled every step."""
+    llm = make_llm(tiny_model_dir, SpeculativeConfig("1,2", num_draft_tokens=16), max_num_batched_tokens=40)
+    engine, runner = llm.engine, llm.engine.runner
+    execute, steps = runner.execute, []
+
+    def observed(sched):
+        steps.append((len(engine.scheduler.running), [s for s in sched.scheduled if s.num_new_tokens == 1]))
+        return execute(sched)
+    runner.execute = observed
+    try:
+        llm.generate([p[:20] for p in INSTRUCTIONS[:8]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    finally:
+        runner.execute = execute
+    decode_steps = [(running, decodes) for running, decodes in steps if len(decodes) == running == 8]
+    assert decode_steps, "no step decoded all 8 sequences"
+    assert any(s.draft_slots for _, decodes in decode_steps for s in decodes)
+    assert all(sum(1 + len(s.draft_slots) for s in decodes) <= 40 for _, decodes in decode_steps)
