@@ -16,7 +16,7 @@ dense in the same engine:
 - decode tok/s at batch 1 (passages one by one, dense and exit runs alternating) and at batch
   --passages (all at once), as ratios to dense.
 Settings: the calibrated per-layer thresholds, then one threshold for every exit (the request's
-`exit_threshold`), from conservative to aggressive.
+`exit_threshold`), from conservative to aggressive. Writes JSON, a Markdown table and a PNG.
 """
 from __future__ import annotations
 
@@ -184,6 +184,32 @@ def run(args) -> dict:
             "rows": rows}
 
 
+def plot(result: dict, path: Path) -> None:
+    """Perplexity ratio and token agreement against batch-1 decode speedup, one point per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "perplexity_ratio", "perplexity vs dense (lower is better)"),
+                           (axes[1], "token_agreement", "teacher-forced token agreement with dense")):
+        ax.plot([1.0] + [r["b1_speedup"] for r in rows], [1.0] + [r[key] for r in rows], marker="o")
+        for r in rows:
+            ax.annotate(f"{r['setting']} ({r['exit_rate']:.0%} exit)", (r["b1_speedup"], r[key]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate("dense", (1.0, 1.0), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.set_xlabel("batch-1 decode speedup over dense (same run)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if rows and max(r["perplexity_ratio"] for r in rows) > 4:
+        axes[0].set_yscale("log")
+    fig.suptitle(f"Early exit on {result['model']}: the threshold sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def markdown_table(result: dict) -> str:
     n = result["passages"]
     lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['threads']} threads; exits "
@@ -219,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     (args.output_dir / "early_exit.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.output_dir / "early_exit.md").write_text(markdown_table(result))
+    plot(result, args.output_dir / "early_exit.png")
     print(markdown_table(result))
     return 0
 

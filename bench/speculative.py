@@ -14,7 +14,7 @@ Per draft and draft length, each next to a dense run made just before it:
 - acceptance: accepted / drafted tokens, and tokens emitted per verify pass;
 - cost model at batch 1: a draft pass and a verify pass against a dense decode step, in ms, and
   the speedup a draft that cost nothing would give at the measured acceptance (the ceiling any
-  cheaper draft of the same quality could reach).
+  cheaper draft of the same quality could reach). Writes JSON, a Markdown table and a PNG.
 """
 from __future__ import annotations
 
@@ -144,6 +144,33 @@ def run(args) -> dict:
             "layer_order_by_block_influence": order, "rows": rows}
 
 
+def plot(result: dict, path: Path) -> None:
+    """Batch-1 speedup against acceptance, per draft and draft length, with the free-draft ceiling."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for skip in sorted({r["skip"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["skip"] == skip]
+        line, = ax.plot([r["draft_tokens"] for r in rows], [r["b1_speedup"] for r in rows], marker="o",
+                        label=f"draft skips {skip} layers")
+        ax.plot([r["draft_tokens"] for r in rows], [r["free_draft_ceiling"] for r in rows], linestyle="--",
+                color=line.get_color(), label="  a free draft at the same acceptance")
+        for r in rows:
+            ax.annotate(f"{r['acceptance']:.2f}", (r["draft_tokens"], r["b1_speedup"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xlabel("draft tokens per step (labels: acceptance)")
+    ax.set_ylabel("batch-1 decode speedup over dense (same run)")
+    ax.set_title(f"Self-speculative decoding on {result['model']} (greedy output identical)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def markdown_table(result: dict) -> str:
     n = result["instructions"]
     lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['threads']} threads, "
@@ -181,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     (out / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "speculative.md").write_text(markdown_table(result))
+    plot(result, out / "speculative.png")
     print(markdown_table(result))
     return 0
 
