@@ -101,7 +101,7 @@ def run(args) -> dict:
                            speculative=SpeculativeConfig("0", num_draft_tokens=1)))
     engine = llm.engine
     text = (args.data_dir / "wikitext2-valid.txt").read_text(encoding="utf-8")
-    windows = token_windows(llm.tokenizer, text, args.calibration_tokens, 512)
+    windows = token_windows(llm.tokenizer, text, args.calibration_tokens, min(512, args.calibration_tokens))
     order = rank_layers(importance(llm, collect_stats(llm, windows)))
     tasks = load_alpaca(args.data_dir / "alpaca-seed-tasks.jsonl")[:args.instructions]
     prompts = [chat_prompt(llm, task.prompt) for task in tasks]
