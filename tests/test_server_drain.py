@@ -90,9 +90,11 @@ def test_sigterm_lets_running_requests_finish(tiny_model_dir, tmp_path):
 
 
 def test_sigint_ends_what_outlives_the_timeout(tiny_model_dir, tmp_path):
-    srv = RemoteServer(tiny_model_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--shutdown-timeout", "1")
+    # A 0.1 s drain: the rest of 480 tokens outlives it even on a fast CPU (on one, a 1 s drain
+    # let the stream finish, and the test saw no error event).
+    srv = RemoteServer(tiny_model_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--shutdown-timeout", "0.1")
     try:
-        stream, queued = start_load(srv, max_tokens=480)   # seconds of decoding: outlives a 1 s drain
+        stream, queued = start_load(srv, max_tokens=480)
         signalled = time.monotonic()
         srv.proc.send_signal(signal.SIGINT)          # Ctrl-C drains the same way
         assert_refuses_new_work(srv)
