@@ -58,7 +58,7 @@ def engine_ab(args) -> list[dict]:
     """Median decode-step ms with kernels.linear's dispatch off and on, per plan, interleaved."""
     from trident.kernels import linear as kernel_linear
     from trident.bench.decode_breakdown import decode_steps
-    from trident.bench.width_sweep import DATA_DIR, batch_params, engine_for, plan_runs, speed_batch_prompts
+    from trident.bench.inprocess import DATA_DIR, batch_params, engine_for, plan_runs, speed_batch_prompts
     from trident.engine.pruning.profiles import profile_dir
 
     runs = plan_runs(args.plans, profile_dir(args.model), args.model)

@@ -31,7 +31,7 @@ import torch
 
 import trident.engine.model_runner as model_runner
 from trident.bench.datasets import WIKITEXT_FILE, default_data_dir, positive_int, require_data_file, require_writable
-from trident.bench.width_sweep import lockstep_speed, paired_ratio
+from trident.bench.inprocess import lockstep_speed, paired_ratio
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import token_windows

@@ -20,122 +20,19 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from trident.bench.agreement import prefix_agreement
-from trident.bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, default_data_dir, load_alpaca, positive_int, require_data_file,
-                            require_writable)
+from trident.bench.inprocess import (DATA_DIR, engine_for, labelled, lockstep_speed, paired_ratio, plan_runs,
+                                     speed_batch_prompts)
+from trident.bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, load_alpaca, positive_int, require_data_file,
+                                    require_writable)
 from trident.bench.pareto import pareto_front
-from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import perplexity, token_windows
 from trident.engine.pruning.profiles import profile_dir
-from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
 from trident.kernels.linear import Linear
-
-DATA_DIR = default_data_dir()
-
-
-def batch_params(decode_tokens: int, pruning: RequestPruning | None = None) -> SamplingParams:
-    """Greedy, EOS ignored: every sequence of a timed batch runs exactly `decode_tokens` decode steps."""
-    return SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True, pruning=pruning)
-
-
-def add_batch(llm: LLM, prompts: list[list[int]], decode_tokens: int, tag: str,
-              pruning: RequestPruning | None = None) -> list:
-    """Add `prompts` to an idle engine as one batch; returns their sequences, to step and watch."""
-    engine = llm.engine
-    if engine.has_unfinished_requests():
-        raise ValueError("timing a batch needs an idle engine")
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", prompt, batch_params(decode_tokens, pruning))
-    return [seq for req in engine.requests.values() for seq in req.seqs]
-
-
-def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_tokens: int,
-                   first: int = 0, pruning: list[RequestPruning | None] | None = None,
-                   warm_up: bool = True) -> list[tuple[float, float]]:
-    """[(prefill tok/s, decode tok/s)] of each engine running its batch `prompts[i]`, after a
-    warm-up run of the same shapes. The engines run side by side, one step each in turn (engine
-    `first` opens the first turn, and each turn starts one engine later), so a slow spell of the
-    machine lands on every engine's steps alike instead of on whichever ran while it lasted.
-    Both phases are timed from each engine's own steps: prefill is the prompt tokens over the
-    time of the steps until every sequence holds its first token, decode the tokens generated
-    after that over the time of the remaining steps. Needs idle engines without prefix caching,
-    so that the timed run recomputes its prompts. `pruning`: each engine's per-request pruning
-    (the length axis), None for none."""
-    for llm in llms:
-        if llm.engine.config.cache.enable_prefix_caching:
-            raise ValueError("timing needs an engine without prefix caching")
-        if llm.engine.has_unfinished_requests():        # the warm-up would run them to the end
-            raise ValueError("timing needs an idle engine")
-    pruning = pruning or [None] * len(llms)
-    for llm, batch, policy in zip(llms, prompts, pruning):
-        if warm_up:
-            llm.generate(batch, batch_params(decode_tokens, policy))
-    seqs = [add_batch(llm, batch, decode_tokens, "speed", policy) for llm, batch, policy in zip(llms, prompts, pruning)]
-    n = len(llms)
-    prefill_s, decode_s = [0.0] * n, [0.0] * n
-    generated_before: list[int | None] = [None] * n     # tokens out when the prefill phase ended
-    turn = first
-    while any(llm.engine.has_unfinished_requests() for llm in llms):
-        for i in [(turn + k) % n for k in range(n)]:
-            engine = llms[i].engine
-            if not engine.has_unfinished_requests():
-                continue
-            start = time.perf_counter()
-            engine.step()
-            elapsed = time.perf_counter() - start
-            if generated_before[i] is not None:
-                decode_s[i] += elapsed
-                continue
-            prefill_s[i] += elapsed
-            if all(seq.num_output_tokens > 0 for seq in seqs[i]):
-                generated_before[i] = sum(seq.num_output_tokens for seq in seqs[i])
-        turn += 1
-    return [(sum(map(len, batch)) / prefill_s[i],
-             (sum(seq.num_output_tokens for seq in seqs[i]) - generated_before[i]) / decode_s[i])
-            for i, batch in enumerate(prompts)]
-
-
-def speed_batch_prompts(text: str, batch: int, window: int):
-    """tokenizer -> the timed batch: `batch` prompts of `window` tokens from the middle of
-    WikiText-2 (calibration reads its start, perplexity its end)."""
-    middle = text[len(text) // 3:]
-    return lambda tok: token_windows(tok, middle, batch * window, window)
-
-
-def plan_runs(names: str, plans_dir: Path, model: str) -> list[tuple[str, str | None]]:
-    """[(label, plan path)]: dense (no plan) first, then each comma-separated plan name (looked up
-    in `plans_dir`) or .json path. Exits with a message when a plan does not exist."""
-    paths = []
-    for name in filter(None, names.split(",")):
-        path = Path(name).expanduser() if name.endswith(".json") else plans_dir / f"{name}.json"
-        if not path.exists():
-            raise SystemExit(f"error: no plan {path}; run `trident calibrate --model {model}`")
-        paths.append(path)
-    return [("dense", None)] + labelled(paths)
-
-
-def labelled(paths: list[Path]) -> list[tuple[str, str]]:
-    """[(label, path)]: a plan's name, or, for plans of the same name from two calibrations,
-    its folder and name."""
-    stems = [p.stem for p in paths]
-    return [(p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}/{p.stem}", str(p)) for p in paths]
-
-
-def engine_for(model: str, plan: str | None, args, timing: bool = False) -> LLM:
-    """An engine without prefix caching. `timing`: its KV cache holds just the speed batch
-    (`args.speed_batch` sequences of max_model_len), so that every plan's engine fits in memory at
-    once for `interleaved_speed`."""
-    max_model_len = args.window + args.max_tokens + 64
-    num_blocks = args.speed_batch * -(-max_model_len // CacheConfig.block_size) if timing else None
-    return LLM(EngineConfig(model=model, plan=plan, dtype=args.dtype,
-                            cache=CacheConfig(enable_prefix_caching=False, num_blocks=num_blocks),
-                            scheduler=SchedulerConfig(max_model_len=max_model_len,
-                                                      max_num_batched_tokens=args.window * 4)))
 
 
 def calibration_report(plan: str | None) -> dict | None:
@@ -191,11 +88,6 @@ def interleaved_speed(model: str, plans: list[tuple[str, str | None]], speed_pro
                   f"single-sequence decode {single:.1f} tok/s", flush=True)
     return {label: {**{f"{k}_tok_s": statistics.median(v) for k, v in runs.items()},
                     **{f"{k}_rounds": v for k, v in runs.items()}} for label, runs in samples.items()}
-
-
-def paired_ratio(rounds: list[float], dense_rounds: list[float]) -> float:
-    """Median over rounds of a plan's figure over dense's figure of the same round."""
-    return statistics.median(a / b for a, b in zip(rounds, dense_rounds, strict=True))
 
 
 def plot(points: list[dict], path: Path) -> None:

@@ -70,7 +70,7 @@ def test_parse_sweep():
 def test_lockstep_speed_of_one_engine_times_prefill_and_decode_steps_directly(tiny_model_dir, monkeypatch):
     from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from trident.engine.llm import LLM
-    import trident.bench.width_sweep as sweep
+    import trident.bench.inprocess as sweep
 
     def make(prefix_caching=False):
         return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
@@ -203,7 +203,7 @@ def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_a
 def test_lockstep_speed_steps_the_engines_in_turns_and_times_each_ones_own_steps(tiny_model_dir, monkeypatch):
     from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from trident.engine.llm import LLM
-    import trident.bench.width_sweep as sweep
+    import trident.bench.inprocess as sweep
 
     def make():
         return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
