@@ -14,9 +14,9 @@ from trident.engine.model import LlamaModel
 from trident.engine.outputs import TokenLogprobs
 from trident.engine.pruning.accounting import FlopCount, FlopCounter
 from trident.engine.pruning.length import select_evictions
-from trident.engine.sampler import distribution, sample, top_logprobs
+from trident.engine.sampler import distribution, draw, sample, top_logprobs
 from trident.engine.scheduler import ScheduledSequence, SchedulerOutput
-from trident.engine.speculative import Draft, accept_greedy, accept_sampled, draw
+from trident.engine.speculative import Draft, accept_greedy, accept_sampled
 from trident.engine.step_pruning import ExitProbe, SeqResult, SeqStep, StepPruning
 from trident.kernels.metadata import AttentionMetadata
 

@@ -71,6 +71,13 @@ def distribution(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return _filter(row / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token id from [V] probabilities; seeded draws use a CPU generator, whatever the device."""
+    if generator is not None:
+        probs = probs.cpu()
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: float32 [N, V], one row per sequence. Returns the sampled ids and, per row, logprobs
     when that sequence asked for them (None otherwise)."""
@@ -82,10 +89,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         p = seq.params
         if p.greedy:
             continue
-        probs = distribution(logits[row], seq)
-        if seq.generator is not None:   # seeded draws use a CPU generator, whatever the device
-            probs = probs.cpu()
-        chosen[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+        chosen[row] = draw(distribution(logits[row], seq), seq.generator)
     token_ids = chosen.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
     if raw_logprobs is not None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from trident.engine.config import ModelConfig
+from trident.engine.sampler import draw
 
 
 def draft_skip_layers(draft: str, config: ModelConfig, model_name: str) -> list[int]:
@@ -75,12 +76,6 @@ def speculation_blocker(seq_params) -> str | None:
     return None
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    if generator is not None:
-        probs = probs.cpu()
-    return int(torch.multinomial(probs, 1, generator=generator)[0])
-
-
 @dataclass
 class Draft:
     tokens: list[int]                          # k draft tokens
@@ -105,7 +100,7 @@ def accept_sampled(draft: Draft, target_probs: torch.Tensor, generator: torch.Ge
     out = []
     for i, (x, q) in enumerate(zip(draft.tokens, draft.probs)):
         p = target_probs[i]
-        u = float(torch.rand((), generator=generator)) if generator is not None else float(torch.rand(()))
+        u = float(torch.rand((), generator=generator))
         if u * float(q[x]) < float(p[x]):             # u < p(x) / q(x), without dividing by q(x)
             out.append(x)
             continue
