@@ -16,7 +16,7 @@ from trident.engine.model_runner import ModelRunner, RunnerOutput
 from trident.engine.outputs import CompletionOutput, RequestOutput
 from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
 from trident.engine.pruning.apply import apply_plan
-from trident.engine.pruning.length import LOSSLESS_PROFILE, resolve_request
+from trident.engine.pruning.length import DENSE_PROFILE, LOSSLESS_PROFILE, resolve_request
 from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.pruning.profiles import resolve_plan
 from trident.engine.sampling_params import SamplingParams
@@ -151,8 +151,8 @@ class LLMEngine:
         if policy.prefill_keep and params.prompt_logprobs is not None:
             raise ValueError("prompt logprobs (echo with logprobs) need every prompt token's logits, and "
                              "prefill pruning drops rows before the last layer: turn one of them off")
-        self.draft_tokens(params)
-        self.exit_thresholds(params)
+        self.draft_tokens(params, policy)
+        self.exit_thresholds(params, policy)
         max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
         if n + max_tokens > self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
@@ -167,9 +167,10 @@ class LLMEngine:
         return resolve_request(params.pruning, served, self.plan.name if self.plan is not None else None,
                                self.model_config.num_layers, kept)
 
-    def draft_tokens(self, params: SamplingParams) -> int:
+    def draft_tokens(self, params: SamplingParams, policy: LengthPolicy) -> int:
         """Tokens a request drafts per step (0: no speculation): the server's default, changed by
-        its `pruning` object. ValueError for speculation asked for where it cannot run."""
+        its `pruning` object; `policy` is its length policy. ValueError for speculation asked for
+        where it cannot run."""
         request, served = params.pruning, self.config.speculative
         asked = request is not None and (request.speculative or request.num_draft_tokens is not None
                                          or request.profile == LOSSLESS_PROFILE)
@@ -179,7 +180,7 @@ class LLMEngine:
             if request.num_draft_tokens is not None:
                 raise ValueError("pruning.num_draft_tokens needs speculative decoding, which pruning.speculative turns off")
             return 0
-        if not asked and (served is None or (request is not None and request.profile == "dense")):
+        if not asked and (served is None or (request is not None and request.profile == DENSE_PROFILE)):
             return 0
         if served is None:
             raise ValueError("speculative decoding is not served here: start the server with --speculative-draft "
@@ -189,7 +190,7 @@ class LLMEngine:
         if not 1 <= k <= MAX_DRAFT_TOKENS:
             raise ValueError(f"pruning.num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {k}")
         blocker = speculation_blocker(params)
-        if blocker is None and self.length_policy(params).is_active:
+        if blocker is None and policy.is_active:
             blocker = "length pruning (kv_budget, prefill_keep)"
         if blocker is not None:
             if asked:
@@ -197,9 +198,10 @@ class LLMEngine:
             return 0        # the server's default speculation steps aside for what it cannot verify
         return k
 
-    def exit_thresholds(self, params: SamplingParams) -> dict[int, float] | None:
+    def exit_thresholds(self, params: SamplingParams, policy: LengthPolicy) -> dict[int, float] | None:
         """A request's early exits (exit layer -> probe threshold), or None: the plan's, changed by
-        its `pruning` object. ValueError for exits asked for where they cannot run."""
+        its `pruning` object; `policy` is its length policy. ValueError for exits asked for where
+        they cannot run."""
         request = params.pruning
         asked = request is not None and (request.early_exit or request.exit_threshold is not None)
         if request is not None and request.early_exit is False:
@@ -211,7 +213,7 @@ class LLMEngine:
                 raise ValueError("pruning.profile 'lossless' runs no early exit (exits change the output): "
                                  "drop early_exit and exit_threshold")
             return None
-        if request is not None and request.profile == "dense":
+        if request is not None and request.profile == DENSE_PROFILE:
             if asked:
                 raise ValueError("pruning.profile 'dense' runs no dynamic pruning: drop early_exit and exit_threshold")
             return None
@@ -226,7 +228,7 @@ class LLMEngine:
         conflict = None
         if request is not None and (request.speculative or request.num_draft_tokens is not None):
             conflict = "speculative decoding"
-        elif self.length_policy(params).is_active:
+        elif policy.is_active:
             conflict = "length pruning (kv_budget, prefill_keep)"
         if conflict is not None:
             if asked:
@@ -241,9 +243,10 @@ class LLMEngine:
         seqs, detoks = [], []
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
+            policy = self.length_policy(child)
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens,
-                           length=self.length_policy(child), num_draft_tokens=self.draft_tokens(child),
-                           exit_thresholds=self.exit_thresholds(child))
+                           length=policy, num_draft_tokens=self.draft_tokens(child, policy),
+                           exit_thresholds=self.exit_thresholds(child, policy))
             if child.min_tokens:
                 eos = () if child.ignore_eos else self.tokenizer.eos_token_ids
                 seq.min_tokens_banned = sorted({*child.stop_token_ids, *eos})

@@ -60,6 +60,8 @@ class ModelRunner:
         # K/V bytes one token holds in the present layers with index >= d, for d in 0..num_layers.
         per_layer = dict(zip(self.present_layers, (2 * k.shape[1] * k.shape[2] * k.element_size() for k, _ in kv_caches)))
         self.bytes_from = [sum(b for i, b in per_layer.items() if i >= d) for d in range(self.num_layers + 1)]
+        # Present layers a row of depth d runs (those with index < d), for d in 0..num_layers.
+        self.layers_below = [sum(i < d for i in self.present_layers) for d in range(self.num_layers + 1)]
         self.draft_layers: list[int] | None = None      # positions in model.layers a speculative draft runs
         self.exit_probes: dict[int, ExitProbe] = {}      # early-exit classifiers by layer index (the plan's)
 
@@ -258,7 +260,7 @@ class ModelRunner:
         depths = list(result.new_depths or [self.num_layers] * s.num_new_tokens)
         if result.exit_layer is not None:
             depths[-1] = result.exit_layer + 1
-        return s.num_new_tokens, sum(sum(i < d for i in self.present_layers) for d in depths)
+        return s.num_new_tokens, sum(self.layers_below[d] for d in depths)
 
     def _bytes_saved(self, seq, update: KvUpdate) -> float:
         """K/V bytes this step's decisions keep out of the cache: the deeper layers of dropped
