@@ -7,7 +7,10 @@ exercises parsing, validation and the context check; the 413 tests use the in-pr
 from __future__ import annotations
 
 import json
+import re
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -140,41 +143,78 @@ def test_openapi_matches_the_server(server):
         assert str(r.status_code) in doc["paths"][path]["post"]["responses"]
 
 
-def test_a_10mb_prompt_does_not_stall_a_stream(server):
-    """While a 10 MB prompt and a few prompts at the tokenizing bound are refused next to it, the
-    stream's inter-chunk gaps stay near their median. The floor absorbs the noise of a shared CPU;
-    tokenizing 10 MB on the event loop stalled streams for seconds. Streams run back to back until
-    the hostile requests are done, so a fast machine cannot finish streaming before they start."""
-    big = json.dumps({"prompt": "x " * 5_000_000, "max_tokens": 1}).encode()
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory):
+    """The default model, so a decode step costs what it costs in service (tens of ms on a CPU) and
+    "3x the median gap" is a bound a stalled event loop would break, not scheduler noise."""
+    srv = RemoteServer("smollm2-135m-instruct", tmp_path_factory.mktemp("logs") / "smollm2.log",
+                       "--max-request-bytes", "16MiB", "--max-model-len", "2048", "--kv-cache-memory", "128MiB",
+                       startup_timeout=300)
+    yield srv
+    srv.stop()
+
+
+HEAVY_CLIENT = """
+import json, os, sys, httpx
+os.nice(15)              # this client stands in for another machine: its CPU must not slow the server
+url, max_chars = sys.argv[1], int(sys.argv[2])
+big = json.dumps({"prompt": "x " * 5_000_000, "max_tokens": 1}).encode()
+sentence = "The quick brown fox jumps over 13 lazy dogs. "
+near_bound = sentence * (max_chars // len(sentence))
+sys.stdin.readline()                                   # go
+with httpx.Client(base_url=url, timeout=120) as http:
+    answers = [http.post("/v1/completions", content=big, headers={"content-type": "application/json"})]
+    answers += [http.post("/v1/completions", json={"prompt": near_bound, "max_tokens": 1}) for _ in range(3)]
+print(json.dumps([(r.status_code, r.json()["error"]) for r in answers]))
+"""
+
+
+def stream_next_to_heavy_requests(server) -> tuple[float, list[float]]:
+    """Streams back to back until the heavy client is done (so a fast machine cannot finish streaming
+    before it starts); the heavy client starts once the first stream runs. Returns the median gap
+    inside a stream and the gaps that ended while the heavy requests were in flight."""
+    bound = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x" * 10_000_000, "max_tokens": 1})
+    max_chars = re.search(r"at most (\d+) characters", bound.json()["error"]["message"]).group(1)
+    heavy = subprocess.Popen([sys.executable, "-c", HEAVY_CLIENT, server.url, max_chars],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     window: list[float] = []
-    streaming = threading.Event()
-
-    def hostile():
-        streaming.wait(timeout=120)
-        window.append(time.perf_counter())
-        with httpx.Client(base_url=server.url, timeout=120) as http:
-            r = http.post("/v1/completions", content=big, headers={"content-type": "application/json"})
-            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-            for _ in range(3):        # just under the bound: tokenized, in the tokenizer thread
-                r = http.post("/tokenize", json={"prompt": "ab " * 8000})
-                assert r.status_code == 200
-        window.append(time.perf_counter())
-
-    thread = threading.Thread(target=hostile)
-    thread.start()
     gaps: list[tuple[float, float]] = []        # (gap, end time) inside one stream
-    while thread.is_alive() or not gaps:
+    while heavy.poll() is None or not gaps:
         times = []
         with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
-                          json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+                          json={"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     times.append(time.perf_counter())
-                    if len(times) == 3:
-                        streaming.set()
+                    if len(times) == 3 and not window:
+                        window.append(time.perf_counter())
+                        heavy.stdin.write("go\n")
+                        heavy.stdin.flush()
         gaps += [(b - a, b) for a, b in zip(times[1:], times[2:])]   # the first gap holds the prefill
-    thread.join()
-    assert len(window) == 2, "the hostile requests did not finish"
-    median = statistics.median(g for g, _ in gaps)
-    during = [g for g, end in gaps if window[0] <= end <= window[1] + max(g for g, _ in gaps)]
-    assert during and max(during) <= max(3 * median, 1.0), (median, sorted(during)[-5:])
+    window.append(time.perf_counter())
+    answers = json.loads(heavy.communicate(timeout=120)[0])
+    assert [status for status, _ in answers] == [400] * 4
+    assert all(error["code"] == "context_length_exceeded" for _, error in answers)
+    assert all("characters" not in error["message"] for _, error in answers[1:]), \
+        "refused before tokenizing: the test would prove nothing"
+    during = [g for g, end in gaps if window[0] <= end <= window[1]]
+    assert during
+    return statistics.median(g for g, _ in gaps), during
+
+
+def test_heavy_prompts_do_not_stall_a_stream(smollm2_server):
+    """A stream's inter-chunk gaps stay within 3x their median while, next to it, a 10 MB prompt is
+    refused and three prompts just under the tokenizing bound (~0.6 MB each, about half a second of
+    tokenizing apiece) are tokenized and then refused for their length. On the event loop, that
+    tokenizing would stall the stream for over a second; in the tokenizer thread (the Rust tokenizer
+    releases the GIL, and the thread runs below the engine's priority) it does not.
+
+    The heavy requests come from another process at low priority, standing in for another machine:
+    building and sending them can neither delay this one's timestamps nor take the server's cores.
+    On 2 shared cores a quiet stream's largest gap already reaches about 2.8x its median, so one
+    window over 3x is tried again; a stalled loop breaks the bound in every window, by far."""
+    for attempt in range(2):
+        median, during = stream_next_to_heavy_requests(smollm2_server)
+        if max(during) <= 3 * median:
+            return
+    pytest.fail(f"a gap of {max(during):.3f} s next to heavy requests; the median is {median:.3f} s")
