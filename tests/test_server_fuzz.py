@@ -3,9 +3,12 @@ and invalid, and checks every answer against it: no 5xx, only documented status 
 types and response schemas, invalid data refused, 405s with Allow.
 
 Fixed: the seed (derandomized), the number of cases per operation. The generated `max_tokens` and
-`n` are capped so the tiny model answers quickly; the whole run takes under two minutes.
+`n` are capped so the tiny model answers quickly. The whole run has a budget of two minutes, which
+every case checks: a run that outgrows it fails, and `max_examples` is to be lowered.
 """
 from __future__ import annotations
+
+import time
 
 import pytest
 import schemathesis
@@ -19,6 +22,7 @@ from trident.server.app import build_app
 
 MAX_TOKENS = 4      # generated token limits above this are lowered to it
 MAX_N = 2
+BUDGET_S = 120.0    # the whole fuzz run, server start excluded
 
 
 def cap_tokens(body):
@@ -43,6 +47,11 @@ def server(tiny_model_dir, tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def fuzz_started(server) -> float:
+    return time.monotonic()
+
+
 # The document the server publishes (test_server_hardening checks that it serves this one); built
 # without a model, as the document does not depend on one.
 schema = schemathesis.openapi.from_dict(build_app(AsyncEngine(EngineConfig(model="unused"))).openapi())
@@ -51,7 +60,9 @@ schema = schemathesis.openapi.from_dict(build_app(AsyncEngine(EngineConfig(model
 @schema.parametrize()
 @settings(max_examples=40, derandomize=True, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
-def test_openapi_fuzz(server, case):
+def test_openapi_fuzz(server, fuzz_started, case):
+    spent = time.monotonic() - fuzz_started
+    assert spent < BUDGET_S, f"the fuzz run took {spent:.0f} s, over its {BUDGET_S:.0f} s budget: lower max_examples"
     # Here rather than in a map_body hook: schemathesis's coverage phase builds cases without hooks.
     case.body = cap_tokens(case.body)
     # Left out: positive_data_acceptance. Schema-valid requests the server must refuse exist, each
