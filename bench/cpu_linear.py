@@ -1,18 +1,16 @@
-"""F.linear against the weight-major form kernels.linear uses for small batches, on this CPU.
+"""The CPU GEMM providers of kernels/cpu_gemm.py on this CPU: per projection, and in the engine.
 
-    python -m trident.bench.cpu_linear [--dtype float32] [--rows 1,8,64,1024] [--json FILE]
-    python -m trident.bench.cpu_linear --engine [--plans width-0.20] [--rounds 3]
+    python -m trident.bench.cpu_linear [--rows 1,4,8,16] [--json FILE]
+    python -m trident.bench.cpu_linear --engine [--plans width-0.20] [--batches 1,16] [--rounds 3]
 
-For each projection of the model (SmolLM2-135M's shapes by default) and each row count: the median
-time per call of F.linear(x, W) and of (W @ x^T)^T made contiguous (one row padded to two, as
-kernels.linear does; at one row the unpadded product is timed too). Each timing cycles through
-copies of W that together exceed the CPU caches, as a forward pass streams 30 layers of weights;
-a single hot W would measure cache bandwidth instead. `kernels.linear.SMALL_BATCH_ROWS` is set from
-these figures.
+Default: for each projection of the model (SmolLM2-135M's shapes by default) and each row count,
+the weight-read rate (GB/s) of every provider, timed exactly as the engine's start-up measurement
+times them (cold copies of W, providers taking turns), and the one the dispatch picks.
 
---engine times the decode steps of the width sweep's speed batch (8 prompts of 512 tokens), dense
-and each plan, with the dispatch off (every projection through F.linear) and on, in alternating
-rounds, and reports each setting's median step time.
+--engine: the engine's decode steps (prompts of --window tokens, --batches sequences at a time),
+dense and each plan, with every decode-sized product through F.linear (`torch`), through the
+weight-major form that was the fixed rule before the measured dispatch (`torch-wm-pad`), and
+through the measured dispatch (`auto`), in alternating rounds; each setting's median step time.
 """
 from __future__ import annotations
 
@@ -21,18 +19,14 @@ import gc
 import json
 import statistics
 import sys
-import time
-from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trident.bench.offline import machine_info
-from trident.kernels.linear import weight_major_linear
+from trident.kernels import cpu_gemm
 
-COLD_BYTES = 256 << 20        # weight copies per timing: well past any L3
-MAX_COPIES = 1024             # tiny shapes (tests) need no more
+ENGINE_SETTINGS = ("torch", "torch-wm-pad", "auto")
 
 
 def shapes(hidden: int, ffn: int, q_size: int, kv_size: int, vocab: int) -> dict[str, tuple[int, int]]:
@@ -41,120 +35,98 @@ def shapes(hidden: int, ffn: int, q_size: int, kv_size: int, vocab: int) -> dict
             "gate_up_proj": (2 * ffn, hidden), "down_proj": (hidden, ffn), "lm_head": (vocab, hidden)}
 
 
-def time_form(form, x: torch.Tensor, weights: list[torch.Tensor], repeats: int) -> float:
-    """Median ms of one call, over `repeats` passes through every weight copy (one warm-up pass)."""
-    for w in weights:
-        form(x, w)
-    passes = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for w in weights:
-            form(x, w)
-        passes.append((time.perf_counter() - start) / len(weights))
-    return 1000 * statistics.median(passes)
-
-
-def engine_ab(args) -> list[dict]:
-    """Median decode-step ms with kernels.linear's dispatch off and on, per plan, interleaved."""
-    from trident.kernels import linear as kernel_linear
+def engine_ab(args) -> tuple[list[dict], dict]:
+    """Median decode-step ms per plan, batch size and GEMM setting, settings interleaved by round;
+    and the measured dispatch's choices (of the last plan)."""
     from trident.bench.decode_breakdown import decode_steps
-    from trident.bench.inprocess import DATA_DIR, batch_params, engine_for, plan_runs, speed_batch_prompts
+    from trident.bench.inprocess import DATA_DIR, engine_for, plan_runs, speed_batch_prompts
+    from trident.engine.loader import cache_root
     from trident.engine.pruning.profiles import profile_dir
 
     runs = plan_runs(args.plans, profile_dir(args.model), args.model)
-    prompts_for = speed_batch_prompts((DATA_DIR / "wikitext2-valid.txt").read_text(), args.speed_batch, args.window)
-    settings = {"off": 0, "on": kernel_linear.SMALL_BATCH_ROWS}
-    steps = {(label, s): [] for label, _ in runs for s in settings}
+    text = (DATA_DIR / "wikitext2-valid.txt").read_text()
+    steps: dict[tuple[str, int, str], list[float]] = {}
+    measured = {}
     for r in range(args.rounds):
         for label, plan in runs:
             llm = engine_for(args.model, plan, args)
-            prompts = prompts_for(llm.tokenizer)
-            llm.generate(prompts, batch_params(args.decode_tokens))                      # warm-up
-            order = list(settings) if r % 2 == 0 else list(settings)[::-1]
-            try:
+            engine = llm.engine
+            shapes_ = [tuple(w.shape) for w in (m.weight for m in engine.model.modules()
+                                                 if isinstance(m, torch.nn.Linear))]
+            for batch in args.batches:
+                prompts = speed_batch_prompts(text, batch, args.window)(llm.tokenizer)
+                order = ENGINE_SETTINGS if r % 2 == 0 else ENGINE_SETTINGS[::-1]
                 for setting in order:
-                    kernel_linear.SMALL_BATCH_ROWS = settings[setting]
-                    steps[label, setting] += decode_steps(llm, prompts, args.decode_tokens, profiled=False)
-            finally:
-                kernel_linear.SMALL_BATCH_ROWS = settings["on"]
-            del llm
+                    cpu_gemm.configure(setting, shapes_, max(args.batches), cache_root())
+                    if setting == "auto":
+                        measured = cpu_gemm.DISPATCH.summary()
+                    decode_steps(llm, prompts, 2, profiled=False)                       # warm-up
+                    steps.setdefault((label, batch, setting), []).extend(
+                        decode_steps(llm, prompts, args.decode_tokens, profiled=False))
+            del llm, engine
             gc.collect()
     results = []
-    print("| plan | dispatch off ms/step | on ms/step | speed-up |\n|---|---:|---:|---:|")
+    print("| plan | batch | " + " | ".join(f"{s} ms/step" for s in ENGINE_SETTINGS) +
+          " | auto vs torch | auto vs torch-wm-pad |\n|---|---:|" + "---:|" * (len(ENGINE_SETTINGS) + 2))
     for label, _ in runs:
-        off, on = (1000 * statistics.median(steps[label, s]) for s in settings)
-        results.append({"plan": label, "off_ms": off, "on_ms": on, "speedup": off / on})
-        print(f"| {label} | {off:.1f} | {on:.1f} | {off / on:.2f}x |", flush=True)
-    return results
+        for batch in args.batches:
+            ms = {s: 1000 * statistics.median(steps[label, batch, s]) for s in ENGINE_SETTINGS}
+            results.append({"plan": label, "batch": batch, "ms_per_step": ms,
+                            "auto_speedup_vs_torch": ms["torch"] / ms["auto"],
+                            "auto_speedup_vs_torch_wm_pad": ms["torch-wm-pad"] / ms["auto"]})
+            print(f"| {label} | {batch} | " + " | ".join(f"{ms[s]:.1f}" for s in ENGINE_SETTINGS) +
+                  f" | {ms['torch'] / ms['auto']:.2f}x | {ms['torch-wm-pad'] / ms['auto']:.2f}x |", flush=True)
+    return results, measured
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="trident.bench.cpu_linear", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--rows", default="1,4,8,16,32,64,128,256,1024")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--q-size", type=int, default=576)
     ap.add_argument("--kv-size", type=int, default=192)
     ap.add_argument("--vocab", type=int, default=49152)
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--engine", action="store_true", help="time the engine's decode steps instead")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--plans", default="", help="--engine: comma-separated plan names next to dense")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--window", type=int, default=512, help="--engine: prompt tokens")
-    ap.add_argument("--speed-batch", type=int, default=8, help="--engine: sequences decoded together")
+    ap.add_argument("--batches", default="1,16", help="--engine: comma-separated sequences decoded together")
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args(argv)
     command = "python -m trident.bench.cpu_linear " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.engine:
-        if args.dtype != "float32":
-            ap.error("--engine runs float32, where the dispatch applies")
-        args.max_tokens = args.decode_tokens
-        results = engine_ab(args)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"command": command, "machine": machine_info(), "torch": torch.__version__,
-                                             "batch": args.speed_batch, "context": args.window,
-                                             "decode_tokens": args.decode_tokens, "rounds": args.rounds,
-                                             "results": results}, indent=1))
-        return 0
-    dtype = getattr(torch, args.dtype)
     try:
-        rows = [int(r) for r in args.rows.split(",") if r]
+        counts = [int(r) for r in (args.batches if args.engine else args.rows).split(",") if r]
     except ValueError:
-        ap.error(f"--rows takes comma-separated integers, got {args.rows!r}")
-    if not rows or min(rows) < 1:
-        ap.error("--rows needs row counts >= 1")
-
-    torch.manual_seed(0)
-    results = []
-    print("| projection | rows | F.linear ms | (W @ x^T)^T ms | speed-up | one row unpadded ms |\n|---|---:|---:|---:|---:|---:|")
-    for name, (out_size, in_size) in shapes(args.hidden, args.ffn, args.q_size, args.kv_size, args.vocab).items():
-        copies = min(max(2, COLD_BYTES // (out_size * in_size * dtype.itemsize)), MAX_COPIES)
-        weights = [torch.randn(out_size, in_size).to(dtype) for _ in range(copies)]
-        for n in rows:
-            x = torch.randn(n, in_size).to(dtype)
-            base = time_form(F.linear, x, weights, args.repeats)
-            transposed = time_form(weight_major_linear, x, weights, args.repeats)
-            result = {"projection": name, "shape": [out_size, in_size], "rows": n,
-                      "linear_ms": base, "weight_major_ms": transposed, "speedup": base / transposed}
-            if n == 1:     # the weight-major form pads one row to two; this is the product without it
-                result["unpadded_ms"] = time_form(partial(weight_major_linear, pad_one_row=False), x, weights,
-                                                  args.repeats)
-            results.append(result)
-            unpadded = f"{result['unpadded_ms']:.3f}" if n == 1 else ""
-            print(f"| {name} {out_size}x{in_size} | {n} | {base:.3f} | {transposed:.3f} | {base / transposed:.2f}x | "
-                  f"{unpadded} |", flush=True)
-        del weights
+        ap.error("--rows and --batches take comma-separated integers")
+    if not counts or min(counts) < 1 or max(counts) > cpu_gemm.MAX_ROWS:
+        ap.error(f"row counts must be 1 to {cpu_gemm.MAX_ROWS}, the decode sizes the dispatch serves")
+    report = {"command": command, "machine": machine_info(), "torch": torch.__version__}
+    if args.engine:
+        args.batches, args.dtype, args.max_tokens = counts, "float32", args.decode_tokens
+        results, measured = engine_ab(args)
+        report.update(context=args.window, decode_tokens=args.decode_tokens, rounds=args.rounds,
+                      results=results, measured_dispatch=measured)
+    else:
+        torch.manual_seed(0)
+        results = []
+        names = list(cpu_gemm.PROVIDERS)
+        print("| projection | rows | " + " | ".join(f"{p} GB/s" for p in names) + " | chosen |\n|---|---:|" +
+              "---:|" * len(names) + "---|")
+        for name, shape in shapes(args.hidden, args.ffn, args.q_size, args.kv_size, args.vocab).items():
+            for rows in counts:
+                m = cpu_gemm.time_providers(shape, rows)
+                results.append({"projection": name, "shape": list(shape), "rows": rows, "gb_s": m.gb_s,
+                                "chosen": m.provider})
+                cells = " | ".join(f"{m.gb_s[p]:.1f}" if p in m.gb_s else "" for p in names)
+                print(f"| {name} {shape[0]}x{shape[1]} | {rows} | {cells} | {m.provider} |", flush=True)
+        report.update(dtype="float32", results=results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": command,
-            "machine": machine_info(),
-            "torch": torch.__version__, "dtype": args.dtype, "results": results}, indent=1))
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

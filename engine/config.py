@@ -4,6 +4,7 @@ Each dataclass checks itself in __post_init__ so a bad flag fails at start-up wi
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,10 +115,17 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None   # None = speculative decoding off
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # The GEMM provider of decode-sized float32 CPU products (kernels/cpu_gemm.py): "auto" measures
+    # them on this machine (cached), a provider name pins one. TRIDENT_CPU_GEMM sets the default.
+    cpu_gemm: str = field(default_factory=lambda: os.environ.get("TRIDENT_CPU_GEMM", "auto"))
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        from trident.kernels.cpu_gemm import MODES
+
+        if self.cpu_gemm not in MODES:
+            raise ValueError(f"cpu_gemm must be one of {', '.join(MODES)}, got {self.cpu_gemm!r}")
 
     @property
     def resolved_dtype(self) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from trident.engine.block_manager import BlockManager
 from trident.engine.config import AUTO_KV_MEMORY, AUTO_KV_SEQUENCES, MAX_DRAFT_TOKENS, EngineConfig
-from trident.engine.loader import load_checkpoint
+from trident.engine.loader import cache_root, load_checkpoint
 from trident.engine.model import LlamaModel
 from trident.engine.model_runner import ModelRunner, RunnerOutput
 from trident.engine.outputs import CompletionOutput, RequestOutput
@@ -25,7 +25,9 @@ from trident.engine.sequence import Sequence
 from trident.engine.speculative import draft_skip_layers, speculation_blocker
 from trident.engine.step_pruning import ExitProbe
 from trident.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from trident.kernels import cpu_gemm
 from trident.kernels.attention import decode_computes_all_heads
+from trident.kernels.linear import Linear
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class LLMEngine:
         if self.plan is not None:
             state = apply_plan(state, ckpt.config, self.plan)
         self.model = LlamaModel.from_hf_state_dict(ckpt.config, state, self.max_model_len, dtype, self.device)
+        self._configure_cpu_gemm()
         kv_caches, num_blocks = self._allocate_kv_cache(dtype)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
@@ -102,6 +105,17 @@ class LLMEngine:
                  config.cache.block_size)
 
     # ------------------------------------------------------------------ setup
+
+    def _configure_cpu_gemm(self) -> None:
+        """Decode-sized float32 CPU products take the GEMM provider measured fastest for their shape
+        on this machine (or the pinned one): kernels/cpu_gemm.py."""
+        if self.device.type != "cpu" or self.dtype != "float32":
+            return
+        shapes = [tuple(m.weight.shape) for m in self.model.modules() if isinstance(m, Linear)]
+        shapes += [(2 * layer.self_attn.num_kv_heads * layer.self_attn.head_dim, self.model_config.hidden_size) for layer in self.model.layers]
+        speculative = self.config.speculative
+        rows = self.config.scheduler.max_num_seqs * (1 + (speculative.num_draft_tokens if speculative else 0))
+        cpu_gemm.configure(self.config.cpu_gemm, shapes, rows, cache_root())
 
     def _allocate_kv_cache(self, dtype):
         cfg, cache = self.model_config, self.config.cache

@@ -49,6 +49,10 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
         "(default: off)")
     add("--num-draft-tokens", type=int, help="tokens drafted per step with --speculative-draft (default 3)")
     add("--device", help="cpu or cuda (default: cuda when available)")
+    add("--cpu-gemm", choices=["auto", "torch", "torch-wm", "torch-wm-pad", "openblas", "openblas-wm"],
+        help="GEMM provider of float32 CPU decode steps: auto times each on this machine's CPU and the model's "
+             "shapes at first start (cached) and takes the fastest; a name pins one (default: $TRIDENT_CPU_GEMM "
+             "or auto)")
     add("--seed", type=int)
     add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's context)")
     add("--max-num-seqs", type=int, help="sequences running per step")
@@ -199,7 +203,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     speculative = None if args.speculative_draft is None else \
         SpeculativeConfig(args.speculative_draft, **given(num_draft_tokens=args.num_draft_tokens))
     return EngineConfig(model=args.model, device=device, cache=cache, scheduler=scheduler, plan=args.plan,
-                        speculative=speculative, **given(dtype=args.dtype, seed=args.seed))
+                        speculative=speculative, **given(dtype=args.dtype, seed=args.seed, cpu_gemm=args.cpu_gemm))
 
 
 def _draining_server(config, app, shutdown_timeout: float):

@@ -11,6 +11,11 @@ sys.path.insert(0, str(ROOT))
 DATA_DIR = default_data_dir()          # the data shipped inside the repository (bench/data/)
 # Keep test runs from writing into the user's cache.
 os.environ.setdefault("TRIDENT_CACHE_DIR", str(ROOT / ".cache" / "trident"))
+# One GEMM form for every decode-sized product, whatever this CPU measures fastest: a sequence's
+# logits are then the same bit for bit alone or in any batch, which the bit-exact pruning tests
+# compare, and every CPU runs the same arithmetic. tests/test_linear.py and the golden test run the
+# measured dispatch itself.
+os.environ.setdefault("TRIDENT_CPU_GEMM", "torch-wm-pad")
 
 
 @pytest.fixture(scope="session")

@@ -150,52 +150,48 @@ def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_d
     assert seen == [True] * 4
 
 
-def test_cpu_linear_times_both_gemm_forms_and_the_engine_with_the_dispatch_off_and_on(tiny_model_dir, tmp_path):
+def test_cpu_linear_times_every_provider_and_the_engine_under_each_gemm_setting(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
     import json
 
-    from trident.kernels import linear as kernel_linear
     from trident.bench import cpu_linear
+    from trident.kernels import cpu_gemm
 
+    monkeypatch.setattr(cpu_gemm, "COLD_BYTES", 1 << 16)
+    monkeypatch.setenv("TRIDENT_CACHE_DIR", str(tmp_path / "cache"))
+    saved = (cpu_gemm.DISPATCH.pinned, dict(cpu_gemm.DISPATCH.choices))
     out = tmp_path / "linear.json"
-    assert cpu_linear.main(["--hidden", "16", "--ffn", "24", "--q-size", "16", "--kv-size", "8", "--vocab", "40",
-                            "--rows", "1,9", "--repeats", "1", "--json", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
-    assert [(r["projection"], r["rows"]) for r in results][:2] == [("qkv_proj", 1), ("qkv_proj", 9)]
-    assert {r["projection"] for r in results} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
-    assert all(r["linear_ms"] > 0 and r["weight_major_ms"] > 0 for r in results)
-    assert [("unpadded_ms" in r) for r in results[:2]] == [True, False]
-    with pytest.raises(SystemExit):
-        cpu_linear.main(["--rows", "0"])
-
-    rows = kernel_linear.SMALL_BATCH_ROWS
-    out = tmp_path / "engine.json"
-    # Spies: how many projections took the weight-major form during each timed run, by setting.
-    from trident.bench import decode_breakdown
-    runs: list[tuple[int, int]] = []
-    calls = [0]
-    real_steps, real_weight_major = decode_breakdown.decode_steps, kernel_linear.weight_major_linear
-
-    def counting_weight_major(*args, **kwargs):
-        calls[0] += 1
-        return real_weight_major(*args, **kwargs)
-
-    def counting_steps(*args, **kwargs):
-        before = calls[0]
-        result = real_steps(*args, **kwargs)
-        runs.append((kernel_linear.SMALL_BATCH_ROWS, calls[0] - before))
-        return result
-
-    decode_breakdown.decode_steps, kernel_linear.weight_major_linear = counting_steps, counting_weight_major
     try:
+        assert cpu_linear.main(["--hidden", "16", "--ffn", "24", "--q-size", "16", "--kv-size", "8",
+                                "--vocab", "40", "--rows", "1,9", "--json", str(out)]) == 0
+        results = json.loads(out.read_text())["results"]
+        assert [(r["projection"], r["rows"]) for r in results][:2] == [("qkv_proj", 1), ("qkv_proj", 9)]
+        assert {r["projection"] for r in results} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+        assert all(r["gb_s"][r["chosen"]] == max(r["gb_s"].values()) > 0 for r in results)
+        assert [("torch-wm-pad" in r["gb_s"]) for r in results[:2]] == [True, False]   # padding: 1 row only
+        with pytest.raises(SystemExit):
+            cpu_linear.main(["--rows", "0"])
+
+        # Which setting served each timed run: a spy on decode_steps reads the dispatch's state.
+        from trident.bench import decode_breakdown
+        real_steps, seen = decode_breakdown.decode_steps, []
+
+        def spying_steps(llm, prompts, tokens, profiled):
+            seen.append((len(prompts), cpu_gemm.DISPATCH.pinned or "auto", tokens))
+            return real_steps(llm, prompts, tokens, profiled)
+
+        monkeypatch.setattr(decode_breakdown, "decode_steps", spying_steps)
+        out = tmp_path / "engine.json"
         assert cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--window", "16", "--decode-tokens",
-                                "3", "--rounds", "2", "--json", str(out)]) == 0
+                                "3", "--rounds", "2", "--batches", "1,2", "--json", str(out)]) == 0
     finally:
-        decode_breakdown.decode_steps, kernel_linear.weight_major_linear = real_steps, real_weight_major
-    assert sorted(setting for setting, _ in runs) == [0, 0, rows, rows]        # each setting once a round
-    assert all((n == 0) == (setting == 0) for setting, n in runs), runs        # off: never; on: used
-    (dense,) = json.loads(out.read_text())["results"]
-    assert dense["plan"] == "dense" and dense["off_ms"] > 0 and dense["on_ms"] > 0
-    assert kernel_linear.SMALL_BATCH_ROWS == rows           # the dispatch is left on
+        cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices = saved
+    timed = [(batch, setting) for batch, setting, tokens in seen if tokens == 3]
+    assert sorted(timed) == sorted((b, s) for b in (1, 2) for s in cpu_linear.ENGINE_SETTINGS for _ in range(2))
+    report = json.loads(out.read_text())
+    assert [(r["plan"], r["batch"]) for r in report["results"]] == [("dense", 1), ("dense", 2)]
+    assert all(set(r["ms_per_step"]) == set(cpu_linear.ENGINE_SETTINGS) for r in report["results"])
+    assert {c["rows"] for c in report["measured_dispatch"]["choices"]} == {1, 2}
     with pytest.raises(SystemExit, match="no plan"):
         cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--plans", "width-0.99"])
 

@@ -1,54 +1,134 @@
-"""kernels.linear: the weight-major form for decode-sized float32 batches equals F.linear."""
+"""kernels.linear and kernels.cpu_gemm: every GEMM provider equals F.linear; the dispatch measures,
+chooses per shape class and row bucket, caches its choices and sizes OpenBLAS's threads to torch's."""
+import json
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trident.kernels.linear import SMALL_BATCH_ROWS, Linear, uses_weight_major
+from trident.kernels import cpu_gemm
+from trident.kernels.cpu_gemm import MAX_ROWS, PROVIDERS, GemmDispatch, Measurement
+from trident.kernels.linear import Linear, linear
 
 
-@pytest.mark.parametrize("rows", [1, 7, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 300])
+@pytest.fixture
+def dispatch():
+    """The process's dispatch, restored after the test (other tests rely on the pinned provider)."""
+    saved = (cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices)
+    cpu_gemm.DISPATCH.choices = {}              # engines started by earlier tests measured other shapes
+    yield cpu_gemm.DISPATCH
+    cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices = saved[0], saved[1]
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("rows", [1, 7, MAX_ROWS])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_f_linear_in_value_shape_layout_and_gradient(rows, bias):
+def test_every_provider_equals_f_linear(provider, rows, bias):
     torch.manual_seed(rows)
-    layer = Linear(40, 24, bias=bias)
-    wide = torch.randn(rows, 50)
-    x = wide[:, 3:43].requires_grad_()          # strided rows, as a slice of a wider tensor
-    out = layer(x)
-    ref_x = x.detach().clone().requires_grad_()
-    ref = F.linear(ref_x, layer.weight, layer.bias)
-    assert out.shape == (rows, 24) and out.is_contiguous()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    grad = torch.randn(rows, 24)
-    out.backward(grad)
-    grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    ref.backward(grad)
-    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, [p.grad for p in layer.parameters()]):     # weight, and bias if any
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_only_small_float32_cpu_batches_take_the_weight_major_form():
-    assert uses_weight_major(torch.zeros(8, 16))
-    assert uses_weight_major(torch.zeros(SMALL_BATCH_ROWS, 16))
-    assert not uses_weight_major(torch.zeros(SMALL_BATCH_ROWS + 1, 16))   # prefill-sized
-    assert not uses_weight_major(torch.zeros(8, 16, dtype=torch.bfloat16))
-    assert not uses_weight_major(torch.zeros(2, 8, 16))                   # not a [rows, in] batch
-    with torch.autocast("cpu", dtype=torch.bfloat16):                     # GEMMs would run in bf16
-        assert not uses_weight_major(torch.zeros(8, 16))
-    layer = Linear(16, 4).to(torch.bfloat16)
-    x = torch.randn(3, 2, 16, dtype=torch.bfloat16)
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_one_row_padded_to_two_equals_the_unpadded_product(bias):
-    from trident.kernels.linear import weight_major_linear
-
-    torch.manual_seed(0)
     weight, b = torch.randn(24, 40), (torch.randn(24) if bias else None)
-    x = torch.randn(3, 40)[1:2]                  # one row, a view into a larger tensor
-    padded, unpadded = weight_major_linear(x, weight, b), weight_major_linear(x, weight, b, pad_one_row=False)
-    assert padded.shape == unpadded.shape == (1, 24) and padded.is_contiguous()
-    torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(padded, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    x = torch.randn(rows, 50)[:, 3:43]          # strided rows, as a slice of a wider tensor
+    out = PROVIDERS[provider](x, weight, b)
+    assert out.shape == (rows, 24) and out.is_contiguous() and out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_linear_goes_through_the_pinned_provider(dispatch, provider, monkeypatch):
+    calls = []
+    real = PROVIDERS[provider]
+    monkeypatch.setitem(PROVIDERS, provider, lambda *a: calls.append(1) or real(*a))
+    dispatch.pin(provider)
+    layer = Linear(16, 8)
+    with torch.no_grad():
+        layer(torch.randn(3, 16))
+        layer(torch.randn(MAX_ROWS + 1, 16))   # prefill-sized: F.linear
+    assert calls == [1]
+
+
+def test_gradients_and_other_inputs_take_f_linear(dispatch):
+    dispatch.pin("openblas")                    # numpy would not record a gradient
+    torch.manual_seed(0)
+    layer = Linear(40, 24)
+    x = torch.randn(5, 40, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    F.linear(ref_x, layer.weight, layer.bias).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    w = torch.zeros(4, 16)
+    assert cpu_gemm.applies(torch.zeros(8, 16), w)
+    assert not cpu_gemm.applies(torch.zeros(MAX_ROWS + 1, 16), w)            # prefill-sized
+    assert not cpu_gemm.applies(torch.zeros(8, 16, dtype=torch.bfloat16), w)
+    assert not cpu_gemm.applies(torch.zeros(2, 8, 16), w)                  # not a [rows, in] batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):                      # GEMMs would run in bf16
+        assert not cpu_gemm.applies(torch.zeros(8, 16), w)
+    bf16 = Linear(16, 4).to(torch.bfloat16)
+    x = torch.randn(3, 2, 16, dtype=torch.bfloat16)
+    assert torch.equal(bf16(x), F.linear(x, bf16.weight, bf16.bias))
+
+
+def test_choices_apply_per_shape_class_and_row_bucket(dispatch):
+    dispatch.pinned = None
+    dispatch.choices = {(*cpu_gemm.shape_class(24, 40), 1): Measurement("openblas", {"openblas": 2.0}),
+                        (*cpu_gemm.shape_class(24, 40), 8): Measurement("torch-wm", {"torch-wm": 2.0})}
+    w = torch.zeros(24, 40)
+    assert dispatch.provider_for(torch.zeros(1, 40), w) is PROVIDERS["openblas"]
+    assert dispatch.provider_for(torch.zeros(5, 40), w) is PROVIDERS["torch-wm"]      # bucket 8
+    assert dispatch.provider_for(torch.zeros(3, 40), w) is PROVIDERS[cpu_gemm.DEFAULT_PROVIDER]   # unmeasured
+    # ragged neighbours share a class: 22 and 24 output channels round to the same power of sqrt(2)
+    assert dispatch.provider_for(torch.zeros(1, 40), torch.zeros(23, 40)) is PROVIDERS["openblas"]
+    assert [cpu_gemm.row_bucket(r) for r in (1, 2, 3, 5, 9, 64)] == [1, 2, 4, 8, 16, 64]
+
+
+def test_measure_chooses_the_fastest_and_caches(dispatch, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_gemm, "COLD_BYTES", 1 << 16)        # tiny shapes, a quick measurement
+    cache = tmp_path / "gemm.json"
+    with caplog.at_level(logging.INFO, logger="trident.gemm"):
+        dispatch.measure([(24, 40), (23, 40), (8, 16)], max_rows=3, cache_file=cache)
+    assert dispatch.pinned is None
+    classes = {cpu_gemm.shape_class(24, 40), cpu_gemm.shape_class(8, 16)}
+    assert set(dispatch.choices) == {(*c, r) for c in classes for r in (1, 2, 4)}
+    for m in dispatch.choices.values():          # the winner is the fastest measured, every rate positive
+        assert m.gb_s[m.provider] == max(m.gb_s.values()) and min(m.gb_s.values()) > 0
+    assert set(dispatch.choices[(*cpu_gemm.shape_class(8, 16), 1)].gb_s) == set(PROVIDERS)
+    assert "torch-wm-pad" not in dispatch.choices[(*cpu_gemm.shape_class(8, 16), 2)].gb_s
+    assert "measured 6 shape x row cases" in caplog.text and "GB/s" in caplog.text
+    saved = json.loads(cache.read_text())["choices"]
+    assert len(saved) == 6
+
+    # A later start reads the cache and times nothing.
+    monkeypatch.setattr(cpu_gemm, "time_providers", lambda *a: pytest.fail("measured again"))
+    again = GemmDispatch()
+    again.measure([(24, 40), (8, 16)], max_rows=3, cache_file=cache)
+    assert again.choices == dispatch.choices
+    # An unreadable cache is measured again (and rewritten), with a warning.
+    cache.write_text("{not json")
+    monkeypatch.setattr(cpu_gemm, "time_providers", lambda *a: Measurement("torch", {"torch": 1.0}))
+    with caplog.at_level(logging.WARNING, logger="trident.gemm"):
+        GemmDispatch().measure([(8, 16)], max_rows=1, cache_file=cache)
+    assert "unreadable cache" in caplog.text and json.loads(cache.read_text())["choices"][0]["provider"] == "torch"
+
+
+def test_engine_measures_at_start_and_a_flag_pins(dispatch, tiny_model_dir, tmp_path, monkeypatch):
+    from trident.engine.config import EngineConfig, SchedulerConfig
+    from trident.engine.llm import LLM
+    from trident.engine.sampling_params import SamplingParams
+    from threadpoolctl import threadpool_info
+
+    monkeypatch.setenv("TRIDENT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_gemm, "COLD_BYTES", 1 << 16)
+    llm = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", cpu_gemm="auto",
+                           scheduler=SchedulerConfig(max_num_seqs=4)))
+    assert dispatch.pinned is None and {r for *_, r in dispatch.choices} == {1, 2, 4}
+    blas = [p for p in threadpool_info() if p["user_api"] == "blas"]        # no second pool on the cores
+    assert blas and all(p["num_threads"] == 1 for p in blas)
+    assert len(list((tmp_path / "cpu-gemm").glob("*.json"))) == 1
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    measured = [o.outputs[0].token_ids for o in llm.generate(["hello world", "1 2 3"], params)]
+    LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", cpu_gemm="torch"))
+    assert dispatch.pinned == "torch"
+    pinned = [o.outputs[0].token_ids for o in llm.generate(["hello world", "1 2 3"], params)]
+    assert measured == pinned                    # rounding differs at most in the last bits
+    with pytest.raises(ValueError, match="cpu_gemm must be one of"):
+        EngineConfig(model="x", cpu_gemm="mkl")
