@@ -3,9 +3,10 @@
     python -m trident.bench.cpu_linear [--rows 1,4,8,16] [--json FILE]
     python -m trident.bench.cpu_linear --engine [--plans width-0.20] [--batches 1,16] [--rounds 3]
 
-Default: for each projection of the model (SmolLM2-135M's shapes by default) and each row count,
-the weight-read rate (GB/s) of every provider, timed exactly as the engine's start-up measurement
-times them (cold copies of W, providers taking turns), and the one the dispatch picks.
+Default: for each row count, the weight-read rate (GB/s) of every provider over passes through a
+model of random weights with SmolLM2-135M's shapes (30 layers of qkv, o, gate_up and down, then the
+LM head; other shapes by flag), timed exactly as the engine's start-up measurement times the real
+model, and the provider the dispatch picks.
 
 --engine: the engine's decode steps (prompts of --window tokens, --batches sequences at a time),
 dense and each plan, with every decode-sized product through F.linear (`torch`), through the
@@ -51,19 +52,18 @@ def engine_ab(args) -> tuple[list[dict], dict]:
         for label, plan in runs:
             llm = engine_for(args.model, plan, args)
             engine = llm.engine
-            shapes_ = [tuple(w.shape) for w in (m.weight for m in engine.model.modules()
-                                                 if isinstance(m, torch.nn.Linear))]
+            weights = [m.weight for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
             for batch in args.batches:
                 prompts = speed_batch_prompts(text, batch, args.window)(llm.tokenizer)
                 order = ENGINE_SETTINGS if r % 2 == 0 else ENGINE_SETTINGS[::-1]
                 for setting in order:
-                    cpu_gemm.configure(setting, shapes_, max(args.batches), cache_root())
+                    cpu_gemm.configure(setting, weights, max(args.batches), cache_root())
                     if setting == "auto":
                         measured = cpu_gemm.DISPATCH.summary()
                     decode_steps(llm, prompts, 2, profiled=False)                       # warm-up
                     steps.setdefault((label, batch, setting), []).extend(
                         decode_steps(llm, prompts, args.decode_tokens, profiled=False))
-            del llm, engine
+            del llm, engine, weights
             gc.collect()
     results = []
     print("| plan | batch | " + " | ".join(f"{s} ms/step" for s in ENGINE_SETTINGS) +
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q-size", type=int, default=576)
     ap.add_argument("--kv-size", type=int, default=192)
     ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--engine", action="store_true", help="time the engine's decode steps instead")
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -112,18 +113,20 @@ def main(argv: list[str] | None = None) -> int:
                       results=results, measured_dispatch=measured)
     else:
         torch.manual_seed(0)
-        results = []
+        projections = shapes(args.hidden, args.ffn, args.q_size, args.kv_size, args.vocab)
+        layer = [projections[name] for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+        weights = [torch.rand(*shape) for _ in range(args.layers) for shape in layer]
+        weights.append(torch.rand(*projections["lm_head"]))
         names = list(cpu_gemm.PROVIDERS)
-        print("| projection | rows | " + " | ".join(f"{p} GB/s" for p in names) + " | chosen |\n|---|---:|" +
-              "---:|" * len(names) + "---|")
-        for name, shape in shapes(args.hidden, args.ffn, args.q_size, args.kv_size, args.vocab).items():
-            for rows in counts:
-                m = cpu_gemm.time_providers(shape, rows)
-                results.append({"projection": name, "shape": list(shape), "rows": rows, "gb_s": m.gb_s,
-                                "chosen": m.provider})
-                cells = " | ".join(f"{m.gb_s[p]:.1f}" if p in m.gb_s else "" for p in names)
-                print(f"| {name} {shape[0]}x{shape[1]} | {rows} | {cells} | {m.provider} |", flush=True)
-        report.update(dtype="float32", results=results)
+        results = []
+        print("| rows | " + " | ".join(f"{p} GB/s" for p in names) + " | chosen |\n|---:|" + "---:|" * len(names) + "---|")
+        for rows in counts:
+            m = cpu_gemm.time_providers(weights, rows)
+            results.append({"rows": rows, "gb_s": m.gb_s, "chosen": m.provider})
+            cells = " | ".join(f"{m.gb_s[p]:.1f}" if p in m.gb_s else "" for p in names)
+            print(f"| {rows} | {cells} | {m.provider} |", flush=True)
+        report.update(dtype="float32", shapes=projections, layers=args.layers,
+                      weight_bytes=sum(w.numel() * 4 for w in weights), results=results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

@@ -111,11 +111,10 @@ class LLMEngine:
         on this machine (or the pinned one): kernels/cpu_gemm.py."""
         if self.device.type != "cpu" or self.dtype != "float32":
             return
-        shapes = [tuple(m.weight.shape) for m in self.model.modules() if isinstance(m, Linear)]
-        shapes += [(2 * layer.self_attn.num_kv_heads * layer.self_attn.head_dim, self.model_config.hidden_size) for layer in self.model.layers]
+        weights = [m.weight for m in self.model.modules() if isinstance(m, Linear)]    # in forward order
         speculative = self.config.speculative
         rows = self.config.scheduler.max_num_seqs * (1 + (speculative.num_draft_tokens if speculative else 0))
-        cpu_gemm.configure(self.config.cpu_gemm, shapes, rows, cache_root())
+        cpu_gemm.configure(self.config.cpu_gemm, weights, rows, cache_root())
 
     def _allocate_kv_cache(self, dtype):
         cfg, cache = self.model_config, self.config.cache

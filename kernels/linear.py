@@ -13,7 +13,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), contiguous [..., out], through the provider chosen for x's shape."""
     if not cpu_gemm.applies(x, weight):
         return F.linear(x, weight, bias)
-    return cpu_gemm.DISPATCH.provider_for(x, weight)(x, weight, bias)
+    return cpu_gemm.DISPATCH.provider_for(x)(x, weight, bias)
 
 
 class Linear(nn.Linear):

@@ -68,46 +68,42 @@ def test_gradients_and_other_inputs_take_f_linear(dispatch):
     assert torch.equal(bf16(x), F.linear(x, bf16.weight, bf16.bias))
 
 
-def test_choices_apply_per_shape_class_and_row_bucket(dispatch):
+def test_choices_apply_per_row_bucket(dispatch):
     dispatch.pinned = None
-    dispatch.choices = {(*cpu_gemm.shape_class(24, 40), 1): Measurement("openblas", {"openblas": 2.0}),
-                        (*cpu_gemm.shape_class(24, 40), 8): Measurement("torch-wm", {"torch-wm": 2.0})}
-    w = torch.zeros(24, 40)
-    assert dispatch.provider_for(torch.zeros(1, 40), w) is PROVIDERS["openblas"]
-    assert dispatch.provider_for(torch.zeros(5, 40), w) is PROVIDERS["torch-wm"]      # bucket 8
-    assert dispatch.provider_for(torch.zeros(3, 40), w) is PROVIDERS[cpu_gemm.DEFAULT_PROVIDER]   # unmeasured
-    # ragged neighbours share a class: 22 and 24 output channels round to the same power of sqrt(2)
-    assert dispatch.provider_for(torch.zeros(1, 40), torch.zeros(23, 40)) is PROVIDERS["openblas"]
+    dispatch.choices = {1: Measurement("openblas", {"openblas": 2.0}), 8: Measurement("torch-wm", {"torch-wm": 2.0})}
+    assert dispatch.provider_for(torch.zeros(1, 40)) is PROVIDERS["openblas"]
+    assert dispatch.provider_for(torch.zeros(5, 40)) is PROVIDERS["torch-wm"]      # bucket 8
+    assert dispatch.provider_for(torch.zeros(3, 40)) is PROVIDERS[cpu_gemm.DEFAULT_PROVIDER]   # unmeasured
     assert [cpu_gemm.row_bucket(r) for r in (1, 2, 3, 5, 9, 64)] == [1, 2, 4, 8, 16, 64]
 
 
-def test_measure_chooses_the_fastest_and_caches(dispatch, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(cpu_gemm, "COLD_BYTES", 1 << 16)        # tiny shapes, a quick measurement
+def test_measure_times_model_passes_chooses_the_fastest_and_caches(dispatch, tmp_path, monkeypatch, caplog):
+    weights = [torch.rand(24, 40), torch.rand(40, 24), torch.rand(23, 40)]      # a ragged shape among them
     cache = tmp_path / "gemm.json"
     with caplog.at_level(logging.INFO, logger="trident.gemm"):
-        dispatch.measure([(24, 40), (23, 40), (8, 16)], max_rows=3, cache_file=cache)
-    assert dispatch.pinned is None
-    classes = {cpu_gemm.shape_class(24, 40), cpu_gemm.shape_class(8, 16)}
-    assert set(dispatch.choices) == {(*c, r) for c in classes for r in (1, 2, 4)}
+        dispatch.measure(weights, max_rows=3, cache_file=cache)
+    assert dispatch.pinned is None and set(dispatch.choices) == {1, 2, 4}
     for m in dispatch.choices.values():          # the winner is the fastest measured, every rate positive
         assert m.gb_s[m.provider] == max(m.gb_s.values()) and min(m.gb_s.values()) > 0
-    assert set(dispatch.choices[(*cpu_gemm.shape_class(8, 16), 1)].gb_s) == set(PROVIDERS)
-    assert "torch-wm-pad" not in dispatch.choices[(*cpu_gemm.shape_class(8, 16), 2)].gb_s
-    assert "measured 6 shape x row cases" in caplog.text and "GB/s" in caplog.text
-    saved = json.loads(cache.read_text())["choices"]
-    assert len(saved) == 6
+    assert set(dispatch.choices[1].gb_s) == set(PROVIDERS) and "torch-wm-pad" not in dispatch.choices[2].gb_s
+    assert "measured 3 row counts" in caplog.text and "GB/s" in caplog.text
+    assert len(json.loads(cache.read_text())["choices"]) == 3
 
     # A later start reads the cache and times nothing.
     monkeypatch.setattr(cpu_gemm, "time_providers", lambda *a: pytest.fail("measured again"))
     again = GemmDispatch()
-    again.measure([(24, 40), (8, 16)], max_rows=3, cache_file=cache)
+    again.measure(weights, max_rows=3, cache_file=cache)
     assert again.choices == dispatch.choices
     # An unreadable cache is measured again (and rewritten), with a warning.
     cache.write_text("{not json")
     monkeypatch.setattr(cpu_gemm, "time_providers", lambda *a: Measurement("torch", {"torch": 1.0}))
     with caplog.at_level(logging.WARNING, logger="trident.gemm"):
-        GemmDispatch().measure([(8, 16)], max_rows=1, cache_file=cache)
+        GemmDispatch().measure(weights, max_rows=1, cache_file=cache)
     assert "unreadable cache" in caplog.text and json.loads(cache.read_text())["choices"][0]["provider"] == "torch"
+
+
+def test_cache_key_follows_the_model_shapes():
+    assert cpu_gemm.cache_key([(24, 40)]) == cpu_gemm.cache_key([(24, 40)]) != cpu_gemm.cache_key([(23, 40)])
 
 
 def test_engine_measures_at_start_and_a_flag_pins(dispatch, tiny_model_dir, tmp_path, monkeypatch):
@@ -117,10 +113,9 @@ def test_engine_measures_at_start_and_a_flag_pins(dispatch, tiny_model_dir, tmp_
     from threadpoolctl import threadpool_info
 
     monkeypatch.setenv("TRIDENT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_gemm, "COLD_BYTES", 1 << 16)
     llm = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", cpu_gemm="auto",
                            scheduler=SchedulerConfig(max_num_seqs=4)))
-    assert dispatch.pinned is None and {r for *_, r in dispatch.choices} == {1, 2, 4}
+    assert dispatch.pinned is None and set(dispatch.choices) == {1, 2, 4}
     blas = [p for p in threadpool_info() if p["user_api"] == "blas"]        # no second pool on the cores
     assert blas and all(p["num_threads"] == 1 for p in blas)
     assert len(list((tmp_path / "cpu-gemm").glob("*.json"))) == 1
