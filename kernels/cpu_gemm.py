@@ -56,7 +56,7 @@ log = logging.getLogger("trident.gemm")
 
 MAX_ROWS = 64                       # decode-sized inputs; prefill chunks take F.linear
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-REPEATS = 3
+REPEATS = 5                         # timed passes per provider; the median counts
 DEFAULT_PROVIDER = "torch-wm-pad"   # before (or without) a measurement: the form measured fastest on
                                     # the AVX-512 machine this dispatch was first written on
 MODES = ("auto", "torch", "torch-wm", "torch-wm-pad", "openblas", "openblas-wm")
