@@ -176,17 +176,26 @@ class LlamaCppRunner:
                 break
 
 
+def decode_seconds(full: float, one: float) -> float:
+    """The decode part of a run: its time less a 1-token run's. Not positive means the machine's
+    noise exceeded the decode time, and no rate can be read from it."""
+    if full <= one:
+        raise SystemExit(f"timing noise exceeds the decode time ({full:.3f} s for the run, {one:.3f} s for one "
+                         "token): raise --decode-tokens / --batch-tokens or use a quieter machine")
+    return full - one
+
+
 def measure(runner, prompts: "PromptSets", decode_tokens: int, batch_tokens: int) -> dict:
     """Every timed run uses prompts no earlier run saw, so no cache (prefix or otherwise) helps."""
     runner.generate(prompts.warmup, 4)
     one = timed(lambda: runner.generate(prompts.single[0], 1))
     full = timed(lambda: runner.generate(prompts.single[1], decode_tokens + 1))
-    result = {"ready_s": runner.ready_s, "decode_b1_tok_s": decode_tokens / (full - one)}
+    result = {"ready_s": runner.ready_s, "decode_b1_tok_s": decode_tokens / decode_seconds(full, one)}
     result["decode_batch_tok_s"] = None
     if getattr(runner, "batched", True):
         one16 = timed(lambda: runner.generate(prompts.batch[0], 1))
         full16 = timed(lambda: runner.generate(prompts.batch[1], batch_tokens + 1))
-        result["decode_batch_tok_s"] = len(prompts.batch[0]) * batch_tokens / (full16 - one16)
+        result["decode_batch_tok_s"] = len(prompts.batch[0]) * batch_tokens / decode_seconds(full16, one16)
     prefill = min(timed(lambda: runner.generate([p], 1)) for p in prompts.long)
     result["prefill_tok_s"] = len(prompts.long[0]) / prefill
     return result

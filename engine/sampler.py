@@ -38,7 +38,10 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
             vals = logits[row, seen]
-            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            # A penalty near 0 (the smallest float is a valid one) would divide a logit to +inf, and
+            # softmax over +inf is NaN: the largest finite value ranks it first just the same.
+            boosted = (vals / p.repetition_penalty).clamp(max=torch.finfo(logits.dtype).max)
+            logits[row, seen] = torch.where(vals > 0, boosted, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
             ids = torch.tensor(seq.output_token_ids, device=logits.device)
             counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)

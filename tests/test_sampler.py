@@ -49,6 +49,17 @@ def test_repetition_penalty_and_min_tokens():
     assert not torch.isinf(logits).any()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_vanishing_repetition_penalty_samples_instead_of_failing(temperature):
+    """5e-324 is a valid penalty (in (0, 2]); dividing a positive logit by it overflows to +inf, and
+    softmax over +inf is NaN, which made the draw raise and stopped the engine (found by the fuzz run)."""
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    s = seq(prompt=(0, 1), repetition_penalty=5e-324, temperature=temperature, seed=0)
+    tokens, _ = sample(logits, [s])
+    assert tokens[0] in (0, 1)               # the boosted tokens of the prompt: the largest finite logit
+    assert torch.isfinite(logits[0, :2]).all()
+
+
 def test_logprobs_of_a_row_do_not_depend_on_the_others():
     # Row 0 asks for 1 alternative and its chosen token is the top one: it gets exactly that,
     # whatever k another row asks for.

@@ -211,9 +211,10 @@ def test_heavy_prompts_do_not_stall_a_stream(smollm2_server):
 
     The heavy requests come from another process at low priority, standing in for another machine:
     building and sending them can neither delay this one's timestamps nor take the server's cores.
-    On 2 shared cores a quiet stream's largest gap already reaches about 2.8x its median, so one
-    window over 3x is tried again; a stalled loop breaks the bound in every window, by far."""
-    for attempt in range(2):
+    On 2 shared cores a quiet stream's largest gap already reaches about 2.8x its median, and a busy
+    neighbour can push one past 3x, so a window over 3x is tried again, up to three windows in all;
+    a stalled loop breaks the bound in every window, by far (0.42 s against a 0.04 s median)."""
+    for attempt in range(3):
         median, during = stream_next_to_heavy_requests(smollm2_server)
         if max(during) <= 3 * median:
             return
