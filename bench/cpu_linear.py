@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from trident.bench.offline import machine_info
+from trident.bench.machine import machine_info
 from trident.kernels import cpu_gemm
 
 ENGINE_SETTINGS = ("torch", "torch-wm-pad", "auto")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from trident.bench.datasets import default_data_dir, positive_int, require_writable
+from trident.bench.machine import machine_info
 from trident.engine.config import EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import split_windows
@@ -176,8 +176,7 @@ def run(args) -> dict:
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return {"command": "python -m trident.bench.early_exit " + " ".join(sys.argv[1:]), "model": args.model,
-            "dtype": llm.engine.dtype, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "exit_layers": layers,
+            "dtype": llm.engine.dtype, "machine": machine_info(), "exit_layers": layers,
             "agreement_target": args.agreement, "passages": len(passages), "context": args.context,
             "tokens": args.tokens, "dense": dense_row,
             "calibration": {str(i): {k: v for k, v in e.items() if k != "weight"} for i, e in found["layers"].items()},
@@ -212,7 +211,7 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown_table(result: dict) -> str:
     n = result["passages"]
-    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['threads']} threads; exits "
+    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['machine']['threads']} threads; exits "
              f"after layers {result['exit_layers']} (0-based); {n} held-out WikiText-2 passages, "
              f"{result['tokens']} teacher-forced decode steps each after a {result['context']}-token prompt. "
              f"Dense perplexity {result['dense']['perplexity']:.2f}.",

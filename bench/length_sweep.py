@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -29,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-import trident.engine.model_runner as model_runner
 from trident.bench.datasets import WIKITEXT_FILE, default_data_dir, positive_int, require_data_file, require_writable
 from trident.bench.inprocess import lockstep_speed, paired_ratio
+from trident.bench.machine import machine_info
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import token_windows
@@ -50,7 +49,7 @@ def make_llm(args, num_blocks: int | None = None, max_model_len: int | None = No
 
 
 @contextlib.contextmanager
-def teacher_forcing(targets: dict[str, list[int]], record: dict[str, list[tuple[float, int]]]):
+def teacher_forcing(llm: LLM, targets: dict[str, list[int]], record: dict[str, list[tuple[float, int]]]):
     """While active, the engine's sampler emits each request's next target token instead of
     sampling, and records (logprob of that target, argmax) per position."""
     def forced(logits: torch.Tensor, seqs):
@@ -62,12 +61,12 @@ def teacher_forcing(targets: dict[str, list[int]], record: dict[str, list[tuple[
             tokens.append(target)
         return tokens, [None] * len(seqs)
 
-    original = model_runner.sample
-    model_runner.sample = forced
+    runner = llm.engine.runner
+    original, runner.sampler = runner.sampler, forced
     try:
         yield
     finally:
-        model_runner.sample = original
+        runner.sampler = original
 
 
 def forced_continuation(llm: LLM, passages: list[list[int]], context: int, pruning) -> list[list[tuple[float, int]]]:
@@ -79,7 +78,7 @@ def forced_continuation(llm: LLM, passages: list[list[int]], context: int, pruni
         targets[request_id], record[request_id] = ids[context:], []
         engine.add_request(request_id, ids[:context], SamplingParams(max_tokens=len(ids) - context, temperature=0,
                                                                      ignore_eos=True, pruning=pruning))
-    with teacher_forcing(targets, record):
+    with teacher_forcing(llm, targets, record):
         while engine.has_unfinished_requests():
             engine.step()
     return [record[f"forced-{i}"] for i in range(len(passages))]
@@ -276,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                                admitted_ratio=adm["peak_decoding"] / max(1, dense_adm["peak_decoding"]),
                                block_reduction=dense_adm["blocks_per_seq"] / max(adm["blocks_per_seq"], 1e-9))
     result = {"command": "python -m trident.bench.length_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__},
+              "machine": machine_info(),
               "model": args.model, "dtype": args.dtype, "context": args.context, "continuation": args.continuation,
               "passages": args.passages, "streams": args.streams, "kv_cache_blocks_admission": dense_adm["num_blocks"],
               "rows": rows}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from trident.bench.datasets import WIKITEXT_FILE, default_data_dir, require_data_file, require_writable
+from trident.bench.machine import machine_info
 from trident.engine.config import EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.loader import resolve_model_path
@@ -64,22 +64,6 @@ def matmul_floor_s(model, batch: int, repeats: int = 5) -> float:
                 form(x[:, :w.shape[1]], w, None)
                 best[i] = min(best[i], time.perf_counter() - t)
     return sum(best)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((l for l in f if l.startswith("model name")), "")
-    except OSError:
-        line = ""
-    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    """What a CPU figure depends on: the CPU, its bf16 matrix support, the threads torch uses."""
-    from trident.engine.config import cpu_has_bf16_matmul
-    return {"cpu": cpu_model(), "bf16_matmul": cpu_has_bf16_matmul(), "threads": torch.get_num_threads()}
 
 
 def timed(fn) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from trident.bench.datasets import default_data_dir, load_alpaca, positive_int, require_writable
+from trident.bench.machine import machine_info
 from trident.engine.config import EngineConfig, SchedulerConfig, SpeculativeConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import collect_stats, importance, token_windows
@@ -138,8 +138,7 @@ def run(args) -> dict:
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return {"command": "python -m trident.bench.speculative " + " ".join(sys.argv[1:]), "model": args.model,
-            "dtype": engine.dtype, "device": "cpu", "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "instructions": len(prompts),
+            "dtype": engine.dtype, "device": "cpu", "machine": machine_info(), "instructions": len(prompts),
             "max_tokens": args.max_tokens, "calibration_tokens": args.calibration_tokens,
             "layer_order_by_block_influence": order, "rows": rows}
 
@@ -173,7 +172,7 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown_table(result: dict) -> str:
     n = result["instructions"]
-    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['threads']} threads, "
+    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['machine']['threads']} threads, "
              f"{n} Alpaca instructions, {result['max_tokens']} greedy tokens each. Drafts skip the layers of "
              f"lowest Block Influence; every speed ratio is against a dense run made just before it.",
              "",

@@ -6,6 +6,7 @@ batch as extra rows, and acceptance replaces sampling for them."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,9 @@ class ModelRunner:
         self.layers_below = [sum(i < d for i in self.present_layers) for d in range(self.num_layers + 1)]
         self.draft_layers: list[int] | None = None      # positions in model.layers a speculative draft runs
         self.exit_probes: dict[int, ExitProbe] = {}      # early-exit classifiers by layer index (the plan's)
+        # What picks each sampled row's token from its logits: sampler.sample, or a caller's own
+        # with the same signature (the length bench teacher-forces targets through it).
+        self.sampler: Callable[[torch.Tensor, list], tuple[list[int], list]] = sample
 
     def copy_kv(self, copies: list[tuple[list[int], list[int]]]) -> None:
         """Move compacted sequences' K/V in every layer, in order (a later copy may read what an
@@ -149,7 +153,7 @@ class ModelRunner:
                 out.prompt_logprobs[seq.seq_id] = top_logprobs(lp, torch.tensor(targets, device=lp.device), k)
             if sample_seqs:
                 sample_logits = logits if len(sample_rows) == len(logit_rows) else logits[sample_rows]
-                token_ids, logprobs = sample(sample_logits, sample_seqs)
+                token_ids, logprobs = self.sampler(sample_logits, sample_seqs)
                 for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
                     out.sampled[seq.seq_id] = [tok]
                     if lp is not None:

@@ -7,6 +7,7 @@ from trident.bench import length_sweep
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.length import RequestPruning
+from trident.engine.sampler import sample
 from trident.engine.sampling_params import SamplingParams
 
 
@@ -23,6 +24,7 @@ def test_teacher_forcing_feeds_the_targets_and_scores_them(tiny_model_dir):
     # The forced argmax is what greedy decoding picks after the same prefix.
     greedy = llm.generate([passage[:30]], SamplingParams(max_tokens=1, temperature=0))[0].outputs[0].token_ids
     assert forced[0][1] == greedy[0]
+    assert llm.engine.runner.sampler is sample          # the engine's own sampler is back afterwards
 
 
 def test_the_sweep_writes_every_figure(tiny_model_dir, tmp_path):
