@@ -1,10 +1,10 @@
-"""The synchronous engine: requests in, one scheduled step at a time, RequestOutputs out."""
+"""The synchronous engine: requests in, one scheduled step at a time (schedule, run, update), and
+RequestOutputs out through output_processor.py (stops, detokenizing, cumulative outputs)."""
 from __future__ import annotations
 
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -13,7 +13,8 @@ from trident.engine.config import AUTO_KV_MEMORY, AUTO_KV_SEQUENCES, MAX_DRAFT_T
 from trident.engine.loader import cache_root, load_checkpoint
 from trident.engine.model import LlamaModel
 from trident.engine.model_runner import ModelRunner, RunnerOutput
-from trident.engine.outputs import CompletionOutput, RequestOutput
+from trident.engine.output_processor import OutputProcessor, Request
+from trident.engine.outputs import RequestOutput
 from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
 from trident.engine.pruning.apply import apply_plan
 from trident.engine.pruning.length import DENSE_PROFILE, LOSSLESS_PROFILE, resolve_request
@@ -32,19 +33,6 @@ from trident.kernels.linear import Linear
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    detokenizers: list[IncrementalDetokenizer]
-    flops: FlopCount
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -70,6 +58,7 @@ class LLMEngine:
         kv_caches, num_blocks = self._allocate_kv_cache(dtype)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.output = OutputProcessor(self.scheduler, self.tokenizer, self.max_model_len, self.plan is not None)
         shapes: list[LayerShape | None] = [None] * ckpt.config.num_layers
         all_heads = decode_computes_all_heads(self.device)   # the CPU decode path, which also pads keys
         for layer in self.model.layers:
@@ -295,10 +284,9 @@ class LLMEngine:
         result = self.runner.execute(sched)
         self._account(result)
         self.scheduler.update_after_step(sched, result)
-        touched = self._process(sched, result)
         outputs = []
-        for req in touched:
-            outputs.append(self._make_output(req))
+        for req in self.output.process(sched, result, self.requests):
+            outputs.append(self.output.make_output(req))
             if req.finished:
                 del self.requests[req.request_id]
         return outputs
@@ -310,73 +298,3 @@ class LLMEngine:
         for axis in AXES:
             # Seconds this axis saved: the measured step time scaled by its FLOP share.
             self.saved_seconds[axis] += result.step_time * step.saved[axis] / max(step.executed, 1.0)
-
-    def _process(self, sched, result: RunnerOutput) -> list[Request]:
-        touched: dict[str, Request] = {}
-        for s in sched.scheduled:
-            seq = s.seq
-            req = self.requests[seq.request_id]
-            req.flops.add(result.flops[seq.seq_id])
-            if seq.seq_id in result.prompt_logprobs:
-                seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
-            if s.sample and seq.max_tokens == 0:
-                self.scheduler.finish(seq, "length")
-            elif seq.seq_id in result.sampled:
-                # Several tokens when drafts were accepted; a stop among them ends the sequence there.
-                logprobs = result.logprobs.get(seq.seq_id)
-                for j, token in enumerate(result.sampled[seq.seq_id]):
-                    self._append_token(req, seq, token, logprobs[j] if logprobs is not None else None)
-                    if seq.is_finished:
-                        break
-            else:
-                continue                                  # a prefill chunk: nothing to report yet
-            touched[req.request_id] = req
-        return list(touched.values())
-
-    def _append_token(self, req: Request, seq: Sequence, token: int, logprobs) -> None:
-        p = seq.params
-        seq.token_ids.append(token)
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
-        # Stops wait for min_tokens outputs (the sampler masks stop tokens and EOS until then).
-        may_stop = seq.num_output_tokens >= p.min_tokens
-        # A stop token stays in token_ids (it was generated) but never reaches the text.
-        if may_stop and token in p.stop_token_ids:
-            return self.scheduler.finish(seq, "stop", token)
-        if may_stop and not p.ignore_eos and token in self.tokenizer.eos_token_ids:
-            return self.scheduler.finish(seq, "stop")           # stop_reason None for EOS, as vLLM
-
-        old_len = len(seq.text)
-        seq.text += req.detokenizers[seq.index].add(token)
-        if p.stop and may_stop:
-            # A new match must end in the new text, so it starts at most (longest stop - 1) before it.
-            start = max(0, old_len - p.max_stop_len + 1)
-            hits = [(seq.text.find(s, start), s) for s in p.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                seq.text = seq.text[:i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
-                return self.scheduler.finish(seq, "stop", s)
-        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
-
-    def _make_output(self, req: Request) -> RequestOutput:
-        outputs = []
-        for seq in req.seqs:
-            text = seq.text
-            if not seq.is_finished and seq.params.stop:
-                # Hold back a tail that could still become a stop string, so a stream never shows it.
-                text = text[:max(0, len(text) - (seq.params.max_stop_len - 1))]
-            outputs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.output_token_ids,
-                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,   # a snapshot
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))
-        first = req.seqs[0]
-        return RequestOutput(
-            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
-            finished=req.finished,
-            prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
-            pruning=req.flops.summary() if self.plan is not None or first.prunes_length or first.num_draft_tokens
-            else {},
-        )

@@ -169,7 +169,7 @@ def test_stop_string_found_at_the_start_of_a_long_delta(tiny_model_dir):
     engine.add_request("r", llm.tokenizer.encode("Hello"), SamplingParams(max_tokens=10, stop=["\n"]))
     req = engine.requests["r"]
     req.detokenizers[0].add = lambda token: "ab\n" + " " * 40 + "x"
-    engine._append_token(req, req.seqs[0], 5, None)
+    engine.output.append_token(req, req.seqs[0], 5, None)
     assert req.seqs[0].finish_reason == "stop" and req.seqs[0].text == "ab"
 
 
