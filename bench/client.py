@@ -6,7 +6,9 @@ the quality tools and the side-by-side comparison reuse the same request code.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -133,6 +135,21 @@ async def stream_request(
 
     record.success = True
     return record
+
+
+def exit_code(work: Callable[[], object]) -> int:
+    """Run a bench command's `work`: 0 when it returns; 1 with one `error: ...` line on stderr when it
+    fails on bad input (ValueError), a file (OSError), the server (ServerError, any HTTP error, an
+    unreachable URL) or its own run (RuntimeError). Other exceptions are bugs and propagate."""
+    try:
+        work()
+    except httpx.TransportError as exc:
+        print(f"error: {transport_error_text(exc)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError, httpx.HTTPError) as exc:    # ServerError is a RuntimeError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def transport_error_text(exc: httpx.TransportError) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from trident.bench import datasets
-from trident.bench.client import ServerTarget, resolve_model, transport_error_text
+from trident.bench.client import ServerTarget, exit_code, resolve_model
 from trident.bench.launch import free_port, launched_server, llama_cpp_command, trident_command
 from trident.bench.metrics import BenchmarkSummary, summarize
 from trident.bench.perplexity import Windows, build_windows, perplexity
@@ -184,23 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the comparison; print and write the table; 0 on success, 1 with a message on failure."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         datasets.require_writable(args.output)               # before the measurements, not after them
         rows = run_targets(args, plan_targets(args))
-    except httpx.TransportError as exc:
-        print(f"error: {transport_error_text(exc)}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, RuntimeError, httpx.HTTPError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    table = markdown_table(rows)
-    print(table)
-    out = Path(args.output)                    # its folder was made by require_writable
-    out.write_text(table, encoding="utf-8")
-    document = {"command": recorded_command("compare", argv), "rows": [asdict(r) for r in rows]}
-    out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
+        table = markdown_table(rows)
+        print(table)
+        out = Path(args.output)                    # its folder was made by require_writable
+        out.write_text(table, encoding="utf-8")
+        document = {"command": recorded_command("compare", argv), "rows": [asdict(r) for r in rows]}
+        out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 
 from trident.bench import datasets
 from trident.bench.agreement import AgreementResult, compare_outputs, greedy_outputs, load_reference, save_reference
-from trident.bench.client import ENDPOINT_PATHS, ServerError, ServerTarget, resolve_model, transport_error_text
+from trident.bench.client import ENDPOINT_PATHS, ServerTarget, exit_code, resolve_model
 from trident.bench.metrics import summarize
 from trident.bench.pareto import SweepPoint, markdown_table, plot_sweep
 from trident.bench.perplexity import PerplexityResult, Windows, build_windows, perplexity
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_reference and not args.reference:
         print("error: --save-reference needs --reference FILE", file=sys.stderr)
         return 1
-    try:
+
+    def run() -> None:
         # Where results go is checked before the measurements, which take minutes.
         if args.sweep:
             datasets.require_writable(Path(args.output_dir) / "sweep.json")
@@ -227,13 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.result_file:
                 Path(args.result_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
                 print(f"wrote {args.result_file}")
-    except httpx.TransportError as exc:
-        print(f"error: {transport_error_text(exc)}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, ServerError, httpx.HTTPError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

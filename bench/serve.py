@@ -20,8 +20,7 @@ import httpx
 import numpy as np
 
 from trident.bench import datasets
-from trident.bench.client import (ENDPOINT_PATHS, ServerError, ServerTarget, ServerTokenizer, resolve_model,
-                          transport_error_text)
+from trident.bench.client import ENDPOINT_PATHS, ServerTarget, ServerTokenizer, exit_code, resolve_model
 from trident.bench.metrics import BenchmarkSummary, LatencyStats, parse_goodput, summarize
 from trident.bench.runner import LoadConfig, RunResult, run_load
 
@@ -194,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark the flags describe; print the summary and return 0 (1 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         percentiles = parse_percentiles(args.percentiles)
         slos = parse_goodput(args.goodput)
         config = load_config_from_args(args)
@@ -202,20 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             datasets.require_writable(args.result_file)      # before the run, not after it
         target = ServerTarget(args.base_url, args.model, args.api_key)
         samples = asyncio.run(build_samples(args, target))
-        run = asyncio.run(run_load(target, samples, config))
-    except httpx.TransportError as exc:
-        print(f"error: {transport_error_text(exc)}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, ServerError, httpx.HTTPError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    summary = summarize(run.records, run.duration_s, percentiles, slos)
-    print(format_summary(summary))
-    if args.result_file:
-        document = result_document(args, argv, run, summary, args.save_detailed)
-        Path(args.result_file).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.result_file}")
-    return 0
+        load = asyncio.run(run_load(target, samples, config))
+        summary = summarize(load.records, load.duration_s, percentiles, slos)
+        print(format_summary(summary))
+        if args.result_file:
+            document = result_document(args, argv, load, summary, args.save_detailed)
+            Path(args.result_file).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            print(f"wrote {args.result_file}")
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,23 @@ def test_output_tokens_without_usage_are_counted_by_the_servers_tokenizer(capsys
     fallback = asyncio.run(run(no_tokenizer, records()))
     assert [r.num_output_tokens for r in fallback] == [2, 3]
     assert "a lower bound" in capsys.readouterr().err
+
+
+def test_exit_code_is_the_one_error_wrapper_of_the_bench_commands(capsys):
+    from trident.bench.client import ServerError, exit_code
+
+    def fails(exc):
+        def work():
+            raise exc
+        return work
+
+    assert exit_code(lambda: None) == 0
+    request = httpx.Request("GET", "http://127.0.0.1:9/v1/models")
+    for exc in (ValueError("bad flag"), OSError("no file"), ServerError("500 from server"),
+                httpx.ConnectError("refused", request=request)):
+        assert exit_code(fails(exc)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[:3] == ["error: bad flag", "error: no file", "error: 500 from server"]
+    assert err[3].startswith("error: cannot reach http://127.0.0.1:9/v1/models (ConnectError")
+    with pytest.raises(KeyError):                   # a bug is not a user error: it propagates
+        exit_code(fails(KeyError("x")))
