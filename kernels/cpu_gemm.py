@@ -57,8 +57,8 @@ log = logging.getLogger("trident.gemm")
 MAX_ROWS = 64                       # decode-sized inputs; prefill chunks take F.linear
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 REPEATS = 5                         # timed passes per provider; the median counts
-DEFAULT_PROVIDER = "torch-wm-pad"   # before (or without) a measurement: the form measured fastest on
-                                    # the AVX-512 machine this dispatch was first written on
+DEFAULT_PROVIDER = "torch-wm-pad"   # for a row count not measured (or before a measurement): the
+                                    # form that leads at 1 row on the AVX-512 EPYC of bench/results
 MODES = ("auto", "torch", "torch-wm", "torch-wm-pad", "openblas", "openblas-wm")
 
 Provider = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
