@@ -11,29 +11,27 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trident.engine.config import ModelConfig
 from trident.engine.step_pruning import StepPruning
 from trident.kernels.attention import paged_attention, write_kv
 from trident.kernels.metadata import AttentionMetadata
+from trident.kernels.fused_norm import add_rms_norm_op, rms_norm_op
 from trident.kernels.linear import Linear, linear
+from trident.kernels.swiglu import swiglu_op
 
 
 class RMSNorm(nn.Module):
+    """HF's LlamaRMSNorm, computed by kernels/fused_norm.py (its definition is there)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:   # one fused op; the same math as below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalize in float32, scale in the model dtype: the HF reference does the same.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm_op(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -140,8 +138,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu_op(self.gate_up_proj(x)))
 
 
 @dataclass(frozen=True)
@@ -185,8 +182,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config.hidden_size, spec.intermediate_size, spec.ffn_out_bias)
 
     def forward(self, x, angles, meta, kv_cache, key_mass=None, mass_window=1):
-        x = x + self.self_attn(self.input_layernorm(x), angles, meta, kv_cache, key_mass, mass_window)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), angles, meta, kv_cache, key_mass, mass_window)
+        norm = self.post_attention_layernorm           # the residual add fused into the norm after it
+        normed, x = add_rms_norm_op(h, x, norm.weight, norm.eps)
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

@@ -48,7 +48,8 @@ def _exit_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
     norm_w = tl.load(norm_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    normed = (x * rstd * norm_w).to(normed_ptr.dtype.element_ty)
+    dt = normed_ptr.dtype.element_ty
+    normed = ((x * rstd).to(dt).to(tl.float32) * norm_w).to(dt)        # fused_norm.py's definition
     if STORE_NORMED:
         tl.store(normed_ptr + row * hidden + offs, normed, mask=mask)
     if HAS_PROBE:

@@ -1,14 +1,21 @@
 """RMSNorm, optionally fused with the residual add that precedes it in every decoder layer.
 
+The definition, one for the model, the kernels and their twins (HF transformers' LlamaRMSNorm):
+normalize in float32, x * rsqrt(mean(x^2) + eps), round to x's dtype, then multiply by the weight
+in that dtype (computed in float32, rounded once more). In float32 both roundings are exact.
+
 One program normalizes one row in a single read and write: the residual stream is summed,
 stored (rounded to its dtype, as the unfused model would hold it) and normalized from that
-rounded value, so the fused and unfused models see bit-identical residuals.
+rounded value, so the fused and unfused models see bit-identical residuals. `rms_norm_op` and
+`add_rms_norm_op` are what the model calls: Triton where `use_triton`, the twin otherwise.
 """
 from __future__ import annotations
 
 import torch
 
-from trident.kernels.backend import tl, triton
+import torch.nn.functional as F
+
+from trident.kernels.backend import tl, triton, use_triton
 from trident.kernels.launch import FLOAT_DTYPES, check, check_tensor, pow2_at_least
 
 
@@ -29,7 +36,8 @@ def _rms_norm_kernel(
         x = summed.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
     weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (x * rstd * weight).to(out_ptr.dtype.element_ty), mask=mask)
+    normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -52,8 +60,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton path. x: [T, H], weight: [H]; returns [T, H] in x's dtype:
-    out = x / sqrt(mean(x^2) + eps) * weight, computed in float32 and rounded once."""
+    """Triton path. x: [T, H], weight: [H]; returns [T, H] in x's dtype, as the module docstring
+    defines it."""
     return _launch(x, None, weight, eps)[0]
 
 
@@ -65,9 +73,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Torch twin of `rms_norm`."""
+    """Torch twin of `rms_norm`. In float32 it is F.rms_norm, the same math as one op."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -75,3 +85,15 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     """Torch twin of `add_rms_norm`."""
     new_residual = x + residual
     return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm: the Triton kernel where `use_triton(x)`, the twin otherwise."""
+    return rms_norm(x, weight, eps) if use_triton(x) else rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's residual add + RMSNorm: (normed, new residual), fused in one kernel where
+    `use_triton(x)`, the twin otherwise."""
+    return add_rms_norm(x, residual, weight, eps) if use_triton(x) else add_rms_norm_ref(x, residual, weight, eps)

@@ -1,14 +1,17 @@
 """SwiGLU activation on the fused gate/up projection: out = silu(gate) * up.
 
 The model computes gate and up with one matmul into a [T, 2F] tensor (gate = columns [0, F),
-up = columns [F, 2F)); this kernel reads both halves once and writes [T, F].
+up = columns [F, 2F)); this kernel reads both halves once and writes [T, F]. The definition, one
+for the model, the kernel and its twin (HF transformers' LlamaMLP): silu(gate) computed in float32
+and rounded to the dtype, then times up, computed in float32 and rounded again (both exact in
+float32). `swiglu_op` is what the model calls: Triton where `use_triton`, the twin otherwise.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from trident.kernels.backend import tl, triton
+from trident.kernels.backend import tl, triton, use_triton
 from trident.kernels.launch import FLOAT_DTYPES, check, check_tensor
 
 
@@ -19,12 +22,14 @@ def _swiglu_kernel(x_ptr, out_ptr, stride_x, stride_o, ffn, BLOCK: tl.constexpr)
     mask = offs < ffn
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + ffn + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
+    dt = out_ptr.dtype.element_ty
+    silu = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (silu * up).to(dt), mask=mask)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """Triton path. gate_up: [T, 2F]; returns [T, F] = silu(gate_up[:, :F]) * gate_up[:, F:],
-    computed in float32 and rounded once to gate_up's dtype."""
+    """Triton path. gate_up: [T, 2F]; returns [T, F] = silu(gate_up[:, :F]) * gate_up[:, F:], as the
+    module docstring defines it."""
     check_tensor("gate_up", gate_up, 2, FLOAT_DTYPES)
     check(gate_up.shape[1] % 2 == 0, f"gate_up needs an even last dim, got {tuple(gate_up.shape)}")
     num_tokens, ffn = gate_up.shape[0], gate_up.shape[1] // 2
@@ -37,6 +42,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """Torch twin of `swiglu`."""
-    gate, up = gate_up.float().chunk(2, -1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
+    """Torch twin of `swiglu` (torch's reduced-precision silu and mul compute in float32 and round)."""
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def swiglu_op(gate_up: torch.Tensor) -> torch.Tensor:
+    """The model's SwiGLU: the Triton kernel where `use_triton(gate_up)`, the twin otherwise."""
+    return swiglu(gate_up) if use_triton(gate_up) else swiglu_ref(gate_up)

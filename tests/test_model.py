@@ -251,3 +251,25 @@ def test_bad_checkpoints_name_the_file(tmp_path, tiny_model_dir, tiny_gguf, monk
     (folder / "config.json").write_text("{broken")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_checkpoint(str(folder))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norm_and_swiglu_are_hf_definitions_bit_for_bit(dtype):
+    """One definition of RMSNorm and SwiGLU for the model, the kernels and their twins: HF
+    transformers' (the Triton kernels implement it too; tests/kernels checks them against the twins)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from trident.kernels.fused_norm import add_rms_norm_op, rms_norm_op
+    from trident.kernels.swiglu import swiglu_op
+
+    torch.manual_seed(0)
+    x, residual = torch.randn(5, 64).to(dtype), torch.randn(5, 64).to(dtype)
+    hf_norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        hf_norm.weight.copy_(1 + 0.1 * torch.randn(64))
+        assert torch.equal(rms_norm_op(x, hf_norm.weight, 1e-5), hf_norm(x))
+        normed, summed = add_rms_norm_op(x, residual, hf_norm.weight, 1e-5)
+        assert torch.equal(summed, residual + x) and torch.equal(normed, hf_norm(residual + x))
+        gate_up = torch.randn(5, 2 * 48).to(dtype)
+        gate, up = gate_up[:, :48], gate_up[:, 48:]
+        assert torch.equal(swiglu_op(gate_up), torch.nn.functional.silu(gate) * up)     # LlamaMLP's act * up
