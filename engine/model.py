@@ -16,9 +16,9 @@ from torch import nn
 from trident.engine.config import ModelConfig
 from trident.engine.step_pruning import StepPruning
 from trident.kernels.attention import paged_attention, write_kv
-from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.fused_norm import add_rms_norm_op, rms_norm_op
 from trident.kernels.linear import Linear, linear
+from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.swiglu import swiglu_op
 
 
