@@ -141,9 +141,7 @@ class EngineConfig:
 
 
 def cpu_has_bf16_matmul() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    from trident.kernels.backend import cpu_info
+
+    flags = cpu_info().flags
     return "amx_bf16" in flags or "avx512_bf16" in flags

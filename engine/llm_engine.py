@@ -96,8 +96,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ setup
 
     def _configure_cpu_gemm(self) -> None:
-        """Decode-sized float32 CPU products take the GEMM provider measured fastest for their shape
-        on this machine (or the pinned one): kernels/cpu_gemm.py."""
+        """Decode-sized float32 CPU products take the GEMM provider measured fastest for their row
+        count on this machine (or the pinned one): kernels/cpu_gemm.py."""
         if self.device.type != "cpu" or self.dtype != "float32":
             return
         weights = [m.weight for m in self.model.modules() if isinstance(m, Linear)]    # in forward order

@@ -1,11 +1,37 @@
-"""The one place that decides whether an op runs its Triton kernel or its torch twin."""
+"""The one place that decides whether an op runs its Triton kernel or its torch twin, and that
+reads what the CPU is (for the CPU paths' choices and the bench reports)."""
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import types
+from typing import NamedTuple
 
 import torch
+
+
+class CpuInfo(NamedTuple):
+    model: str                # e.g. "AMD EPYC"
+    flags: frozenset[str]     # e.g. {"avx2", "avx512f", "avx512_bf16", ...}
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """This CPU's model name and feature flags from /proc/cpuinfo (Linux); elsewhere what
+    `platform` knows and no flags."""
+    model, flags = "", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.split()
+    except OSError:
+        pass                  # not Linux: the model from `platform`, no flags
+    return CpuInfo(model or platform.processor() or platform.machine(), frozenset(flags))
 
 
 @functools.lru_cache(maxsize=None)

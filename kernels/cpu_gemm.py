@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trident.kernels.backend import cpu_info
+
 log = logging.getLogger("trident.gemm")
 
 MAX_ROWS = 64                       # decode-sized inputs; prefill chunks take F.linear
@@ -59,7 +61,6 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 REPEATS = 5                         # timed passes per provider; the median counts
 DEFAULT_PROVIDER = "torch-wm-pad"   # for a row count not measured (or before a measurement): the
                                     # form that leads at 1 row on the AVX-512 EPYC of bench/results
-MODES = ("auto", "torch", "torch-wm", "torch-wm-pad", "openblas", "openblas-wm")
 
 Provider = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -95,6 +96,7 @@ def _openblas_wm(x, w, b):
 
 PROVIDERS: dict[str, Provider] = {"torch": _torch, "torch-wm": _torch_wm, "torch-wm-pad": _torch_wm_pad,
                                   "openblas": _openblas, "openblas-wm": _openblas_wm}
+MODES = ("auto", *PROVIDERS)        # what --cpu-gemm accepts: measure, or pin one provider
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -111,12 +113,9 @@ def row_bucket(rows: int) -> int:
 
 def cache_key(shapes: list[tuple[int, int]]) -> str:
     """What a measurement depends on: CPU model and flags, torch, numpy, thread count, model shapes."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    parts = [*lines, torch.__version__, np.__version__, str(torch.get_num_threads()), repr(shapes)]
+    cpu = cpu_info()
+    parts = [cpu.model, " ".join(sorted(cpu.flags)), torch.__version__, np.__version__,
+             str(torch.get_num_threads()), repr(shapes)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -10,7 +10,7 @@ from trident.kernels import cpu_gemm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), contiguous [..., out], through the provider chosen for x's shape."""
+    """F.linear(x, weight, bias), contiguous [..., out], through the provider chosen for x's row count."""
     if not cpu_gemm.applies(x, weight):
         return F.linear(x, weight, bias)
     return cpu_gemm.DISPATCH.provider_for(x)(x, weight, bias)

@@ -18,6 +18,7 @@ from trident.engine.pruning.depth import DEPTH_COMPENSATIONS
 from trident.engine.pruning.plan import HEAD_UNITS
 from trident.engine.pruning.profiles import PROFILES
 from trident.engine.pruning.reconstruct import COMPENSATIONS
+from trident.kernels.cpu_gemm import MODES as CPU_GEMM_MODES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -49,7 +50,7 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
         "(default: off)")
     add("--num-draft-tokens", type=int, help="tokens drafted per step with --speculative-draft (default 3)")
     add("--device", help="cpu or cuda (default: cuda when available)")
-    add("--cpu-gemm", choices=["auto", "torch", "torch-wm", "torch-wm-pad", "openblas", "openblas-wm"],
+    add("--cpu-gemm", choices=CPU_GEMM_MODES,
         help="GEMM provider of float32 CPU decode steps: auto times each on this machine's CPU and the model's "
              "shapes at first start (cached) and takes the fastest; a name pins one (default: $TRIDENT_CPU_GEMM "
              "or auto)")
