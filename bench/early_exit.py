@@ -42,38 +42,29 @@ TRAIN_WINDOWS, CHECK_WINDOWS, WINDOW = 12, 4, 512
 
 
 class StepLogits:
-    """While installed, keeps each step's logits (exited rows softened by their exit temperature, as
-    the engine samples them) and the sequences they sample for, in row order."""
+    """While installed (through the runner's sampler hook), keeps the logits each step samples from
+    (exited rows softened by their exit temperature, as the engine samples them) and the sequences
+    they sample for, in row order; `take()` hands over the last step's."""
 
     def __init__(self, llm: LLM) -> None:
-        self.engine = llm.engine
+        self.runner = llm.engine.runner
         self.rows: list[tuple[object, torch.Tensor]] = []
 
     def __enter__(self):
-        runner, model = self.engine.runner, self.engine.model
-        self.execute, self.compute_logits, self.soften = runner.execute, model.compute_logits, runner._soften_exits
-        last: dict[str, torch.Tensor] = {}
+        self.sample = self.runner.sampler
 
-        def logits(hidden):
-            last["logits"] = self.compute_logits(hidden)
-            return last["logits"]
-
-        def soften(*args):              # exited rows' logits after their exit temperature
-            last["logits"] = self.soften(*args)
-            return last["logits"]
-
-        def execute(sched):
-            last.clear()
-            out = self.execute(sched)
-            seqs = [s.seq for s in sched.scheduled if s.sample]
-            self.rows = list(zip(seqs, last["logits"])) if seqs else []
-            return out
-        runner.execute, model.compute_logits, runner._soften_exits = execute, logits, soften
+        def keep(logits, seqs):
+            self.rows = list(zip(seqs, logits))
+            return self.sample(logits, seqs)
+        self.runner.sampler = keep
         return self
 
     def __exit__(self, *exc):
-        runner = self.engine.runner
-        runner.execute, self.engine.model.compute_logits, runner._soften_exits = self.execute, self.compute_logits, self.soften
+        self.runner.sampler = self.sample
+
+    def take(self) -> list[tuple[object, torch.Tensor]]:
+        rows, self.rows = self.rows, []
+        return rows
 
 
 def teacher_forced(llm: LLM, passages: list[list[int]], context: int, params: SamplingParams) -> dict:
@@ -96,7 +87,7 @@ def teacher_forced(llm: LLM, passages: list[list[int]], context: int, params: Sa
             if started:
                 seconds += time.perf_counter() - t
             started = True        # the first step is the prefill
-            for seq, row in capture.rows:
+            for seq, row in capture.take():
                 i = ids[seq.request_id]
                 position = len(argmax[i])
                 truth = passages[i][context + position]

@@ -30,3 +30,15 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
     from tests.tiny_model import build_tiny_gguf
 
     return build_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf")
+
+
+@pytest.fixture
+def dispatch():
+    """The process's CPU GEMM dispatch, emptied of earlier engines' choices and restored after the
+    test (the rest of the suite relies on the pinned provider)."""
+    from trident.kernels import cpu_gemm
+
+    saved = (cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices)
+    cpu_gemm.DISPATCH.choices = {}
+    yield cpu_gemm.DISPATCH
+    cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices = saved

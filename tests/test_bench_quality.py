@@ -151,40 +151,35 @@ def test_decode_breakdown_groups_ops_and_profiles_only_decode_steps(tiny_model_d
 
 
 def test_cpu_linear_times_every_provider_and_the_engine_under_each_gemm_setting(tiny_model_dir, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, dispatch):
     import json
 
     from trident.bench import cpu_linear
-    from trident.kernels import cpu_gemm
 
     monkeypatch.setenv("TRIDENT_CACHE_DIR", str(tmp_path / "cache"))
-    saved = (cpu_gemm.DISPATCH.pinned, dict(cpu_gemm.DISPATCH.choices))
     out = tmp_path / "linear.json"
-    try:
-        assert cpu_linear.main(["--hidden", "16", "--ffn", "24", "--q-size", "16", "--kv-size", "8",
-                                "--vocab", "40", "--layers", "2", "--rows", "1,9", "--json", str(out)]) == 0
-        report = json.loads(out.read_text())
-        results = report["results"]
-        assert [r["rows"] for r in results] == [1, 9] and report["weight_bytes"] == 4 * (2 * (32 * 16 + 16 * 16 + 48 * 16 + 16 * 24) + 40 * 16)
-        assert all(r["gb_s"][r["chosen"]] == max(r["gb_s"].values()) > 0 for r in results)
-        assert [("torch-wm-pad" in r["gb_s"]) for r in results] == [True, False]   # padding: 1 row only
-        with pytest.raises(SystemExit):
-            cpu_linear.main(["--rows", "0"])
+    assert cpu_linear.main(["--hidden", "16", "--ffn", "24", "--q-size", "16", "--kv-size", "8",
+                            "--vocab", "40", "--layers", "2", "--rows", "1,9", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert [r["rows"] for r in results] == [1, 9] and report["weight_bytes"] == 4 * (2 * (32 * 16 + 16 * 16 + 48 * 16 + 16 * 24) + 40 * 16)
+    assert all(r["gb_s"][r["chosen"]] == max(r["gb_s"].values()) > 0 for r in results)
+    assert [("torch-wm-pad" in r["gb_s"]) for r in results] == [True, False]   # padding: 1 row only
+    with pytest.raises(SystemExit):
+        cpu_linear.main(["--rows", "0"])
 
-        # Which setting served each timed run: a spy on decode_steps reads the dispatch's state.
-        from trident.bench import decode_breakdown
-        real_steps, seen = decode_breakdown.decode_steps, []
+    # Which setting served each timed run: a spy on decode_steps reads the dispatch's state.
+    from trident.bench import decode_breakdown
+    real_steps, seen = decode_breakdown.decode_steps, []
 
-        def spying_steps(llm, prompts, tokens, profiled):
-            seen.append((len(prompts), cpu_gemm.DISPATCH.pinned or "auto", tokens))
-            return real_steps(llm, prompts, tokens, profiled)
+    def spying_steps(llm, prompts, tokens, profiled):
+        seen.append((len(prompts), dispatch.pinned or "auto", tokens))
+        return real_steps(llm, prompts, tokens, profiled)
 
-        monkeypatch.setattr(decode_breakdown, "decode_steps", spying_steps)
-        out = tmp_path / "engine.json"
-        assert cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--window", "16", "--decode-tokens",
-                                "3", "--rounds", "2", "--batches", "1,2", "--json", str(out)]) == 0
-    finally:
-        cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices = saved
+    monkeypatch.setattr(decode_breakdown, "decode_steps", spying_steps)
+    out = tmp_path / "engine.json"
+    assert cpu_linear.main(["--engine", "--model", str(tiny_model_dir), "--window", "16", "--decode-tokens",
+                            "3", "--rounds", "2", "--batches", "1,2", "--json", str(out)]) == 0
     timed = [(batch, setting) for batch, setting, tokens in seen if tokens == 3]
     assert sorted(timed) == sorted((b, s) for b in (1, 2) for s in cpu_linear.ENGINE_SETTINGS for _ in range(2))
     report = json.loads(out.read_text())

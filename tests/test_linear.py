@@ -9,16 +9,7 @@ import torch.nn.functional as F
 
 from trident.kernels import cpu_gemm
 from trident.kernels.cpu_gemm import MAX_ROWS, PROVIDERS, GemmDispatch, Measurement
-from trident.kernels.linear import Linear, linear
-
-
-@pytest.fixture
-def dispatch():
-    """The process's dispatch, restored after the test (other tests rely on the pinned provider)."""
-    saved = (cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices)
-    cpu_gemm.DISPATCH.choices = {}              # engines started by earlier tests measured other shapes
-    yield cpu_gemm.DISPATCH
-    cpu_gemm.DISPATCH.pinned, cpu_gemm.DISPATCH.choices = saved[0], saved[1]
+from trident.kernels.linear import Linear
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
