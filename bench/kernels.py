@@ -253,17 +253,15 @@ def bench_fused(rec: Recorder, p: Problem, quick: bool) -> None:
         base = rec.run("swiglu_torch", dict(tokens=tokens, ffn=ffn), lambda: swiglu_ref(gate_up))
         rec.run("swiglu", dict(tokens=tokens, ffn=ffn), lambda: swiglu(gate_up),
                 bytes_moved=3 * tokens * ffn * gate_up.element_size(), baseline=base)
-        q = torch.randn(tokens, heads, head_dim, **new)
-        k, v = (torch.randn(tokens, kv_heads, head_dim, **new) for _ in range(2))
+        qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, **new)
         inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, device=p.device) / head_dim)
         cos, sin = rope_cos_sin(inv_freq, tokens)
-        positions = torch.arange(tokens, device=p.device)
         caches = [torch.empty(tokens, kv_heads, head_dim, **new) for _ in range(2)]
-        args = (q, k, v, cos, sin, positions, *caches, positions)
+        args = (qkv, heads, cos, sin, *caches, torch.arange(tokens, device=p.device))
         config = dict(tokens=tokens, q_heads=heads, kv_heads=kv_heads, head_dim=head_dim)
         base = rec.run("rope_write_kv_torch", config, lambda: rope_write_kv_ref(*args))
         rec.run("rope_write_kv", config, lambda: rope_write_kv(*args), baseline=base,
-                bytes_moved=2 * (q.numel() + k.numel() + v.numel()) * q.element_size())
+                bytes_moved=2 * qkv.numel() * qkv.element_size())
 
 
 BENCHES = dict(prefill=bench_prefill, decode=bench_decode, exit=bench_exit, fused=bench_fused)

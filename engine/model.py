@@ -15,10 +15,11 @@ from torch import nn
 
 from trident.engine.config import ModelConfig
 from trident.engine.step_pruning import StepPruning
-from trident.kernels.attention import paged_attention, write_kv
+from trident.kernels.attention import paged_attention
 from trident.kernels.fused_norm import add_rms_norm_op, rms_norm_op
 from trident.kernels.linear import Linear, linear
 from trident.kernels.metadata import AttentionMetadata
+from trident.kernels.rope import rope_cos_sin, rope_write_kv_op
 from trident.kernels.swiglu import swiglu_op
 
 
@@ -58,24 +59,17 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables indexed by original token positions (rotate-half convention)."""
+    """cos/sin tables indexed by original token positions (rotate-half convention, kernels/rope.py)."""
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
-        self.register_buffer("cos", freqs.cos(), persistent=False)   # [P, D/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos, sin = rope_cos_sin(rope_inv_freq(config), max_positions)
+        self.register_buffer("cos", cos, persistent=False)   # [P, D/2]
+        self.register_buffer("sin", sin, persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D/2] of a step's positions, gathered once and shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x: [T, H, D]; rotate the two halves of each head by the position's angles."""
-    cos, sin = angles
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """cos, sin [T, D/2] of a step's positions, gathered once and shared by every layer."""
+        return self.cos[positions], self.sin[positions]
 
 
 class Attention(nn.Module):
@@ -97,15 +91,10 @@ class Attention(nn.Module):
                 meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 key_mass: torch.Tensor | None = None, mass_window: int = 1) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)
-        # q and k heads sit side by side in qkv: rotate them in one call.
-        qk = apply_rotary(qkv[:, :q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads,
-                                                         self.head_dim), angles)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        q_size = self.num_heads * self.head_dim
+        qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = rope_write_kv_op(qkv, self.num_heads, *angles, k_cache, v_cache, meta.slot_mapping)
         if self.virtual_q_heads is None:
             out = paged_attention(q, k_cache, v_cache, meta, self.scale,               # [T, Hq, D]
                                   key_mass=key_mass, mass_window=mass_window)
@@ -122,12 +111,10 @@ class Attention(nn.Module):
         """Write the K/V of rows that skip this layer (they left through an early exit) from their
         normalized exit state x [R, hidden]: the K and V projections only, so later tokens that
         attend to them find no hole."""
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_size = self.num_heads * self.head_dim
         bias = self.qkv_proj.bias[q_size:] if self.qkv_proj.bias is not None else None
-        kv = linear(x, self.qkv_proj.weight[q_size:], bias)
-        k = apply_rotary(kv[:, :kv_size].view(x.shape[0], self.num_kv_heads, self.head_dim), angles)
-        v = kv[:, kv_size:].view(x.shape[0], self.num_kv_heads, self.head_dim)
-        write_kv(k, v, kv_cache[0], kv_cache[1], slot_mapping)
+        kv = linear(x, self.qkv_proj.weight[q_size:], bias).view(x.shape[0], 2 * self.num_kv_heads, self.head_dim)
+        rope_write_kv_op(kv, 0, *angles, kv_cache[0], kv_cache[1], slot_mapping)
 
 
 class MLP(nn.Module):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import trident.engine.model as model_module
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
-from trident.engine.model import apply_rotary
 from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
+from trident.kernels.rope import rope_write_kv_ref
 
 PROMPT = ("Once upon a time there was a dragon who liked to read books in the library. The quick brown "
           "fox jumps over the lazy dog. Write a short poem about the sea.")
@@ -66,11 +66,10 @@ def masked_reference(model, token_ids: list[int], visible: VisibleKeys) -> torch
                 mask[pos, sorted(visible.seen[i, pos])] = True
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        qkv = attn.qkv_proj(h)
-        q = apply_rotary(qkv[:, :q_size].view(num_tokens, attn.num_heads, attn.head_dim), angles)
-        k = apply_rotary(qkv[:, q_size:q_size + kv_size].view(num_tokens, attn.num_kv_heads, attn.head_dim), angles)
-        v = qkv[:, q_size + kv_size:].view(num_tokens, attn.num_kv_heads, attn.head_dim)
+        q_size = attn.num_heads * attn.head_dim
+        qkv = attn.qkv_proj(h).view(num_tokens, attn.num_heads + 2 * attn.num_kv_heads, attn.head_dim)
+        k, v = (torch.empty(num_tokens, attn.num_kv_heads, attn.head_dim) for _ in range(2))  # contiguous K/V
+        q = rope_write_kv_ref(qkv, attn.num_heads, *angles, k, v, torch.arange(num_tokens))
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                              scale=attn.scale, enable_gqa=True)
         x = x + attn.o_proj(out.transpose(0, 1).reshape(num_tokens, q_size))

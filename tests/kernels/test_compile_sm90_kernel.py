@@ -90,8 +90,9 @@ def _launch(op: str, dtype, size: int) -> None:
         add_rms_norm(x, x, x[0], 1e-6)
         swiglu(x)
         cos, sin = rope_cos_sin(torch.rand(size // 2), 64)
-        q, k = torch.randn(7, 9, size).to(dtype), torch.randn(7, 3, size).to(dtype)
-        rope_write_kv(q, k, k, cos, sin, torch.arange(7), k.clone(), k.clone(), torch.arange(7))
+        qkv, cache = torch.randn(7, 9 + 2 * 3, size).to(dtype), torch.randn(7, 3, size).to(dtype)
+        rope_write_kv(qkv, 9, cos[:7], sin[:7], cache, cache.clone(), torch.arange(7))
+        rope_write_kv(qkv[:, 9:], 0, cos[:7], sin[:7], cache, cache.clone(), torch.arange(7))   # K/V only
 
 
 def run_case(case: dict) -> list[str]:

@@ -15,7 +15,7 @@ for dtype in ("f32", "f16"):
         for residual in (False, True):
             CASES.append(dict(id=f"norm-{dtype}-t{rows}-h{hidden}-res{int(residual)}", op="norm",
                               dtype=dtype, rows=rows, hidden=hidden, residual=residual))
-    for rows, heads, head_dim in ((1, (1, 1), 16), (7, (6, 2), 64), (129, (8, 1), 40), (7, (4, 4), 128)):
+    for rows, heads, head_dim in ((1, (1, 1), 16), (7, (6, 2), 64), (129, (8, 1), 40), (7, (4, 4), 128), (5, (0, 2), 64)):
         CASES.append(dict(id=f"rope-{dtype}-t{rows}-h{heads[0]}x{heads[1]}-d{head_dim}", op="rope",
                           dtype=dtype, rows=rows, heads=heads, head_dim=head_dim))
     for rows, ffn in ((1, 1), (7, 100), (129, 1536)):
@@ -49,16 +49,17 @@ def _rope(case, gen, dtype, compare, tol) -> list[str]:
     rows, (num_q_heads, num_kv_heads), head_dim = case["rows"], case["heads"], case["head_dim"]
     inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     cos, sin = rope_cos_sin(inv_freq, 4096)
-    # q, k and v as views into one fused qkv projection output, as the model produces them.
-    qkv = torch.randn(rows, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
-    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], 1)
-    q, k, v = (t.view(rows, -1, head_dim) for t in (q, k, v))
     positions = torch.randint(0, 4096, (rows,), generator=gen)                  # original, not 0..T-1
+    angles = cos[positions], sin[positions]
+    # The fused qkv projection output, viewed as heads, as the model produces it; no q heads is the
+    # K/V-only projection of rows that left through an early exit (Attention.fill_kv).
+    qkv = torch.randn(rows, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    qkv = qkv.view(rows, num_q_heads + 2 * num_kv_heads, head_dim)
     slots = torch.randperm(rows + 40, generator=gen)[:rows]
     caches = [torch.randn(rows + 40, num_kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2)]
     caches_ref = [c.clone() for c in caches]
-    q_out = rope_write_kv(q, k, v, cos, sin, positions, *caches, slots)
-    q_ref = rope_write_kv_ref(q, k, v, cos, sin, positions, *caches_ref, slots)
+    q_out = rope_write_kv(qkv, num_q_heads, *angles, *caches, slots)
+    q_ref = rope_write_kv_ref(qkv, num_q_heads, *angles, *caches_ref, slots)
     return (compare("q", q_out, q_ref, **tol) + compare("k_cache", caches[0], caches_ref[0], **tol)
             + compare("v_cache", caches[1], caches_ref[1], atol=0, rtol=0))
 
