@@ -19,22 +19,37 @@ from trident.kernels.metadata import AttentionMetadata
 from trident.kernels.launch import step_tensor
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V ([T, num_kv_heads, head_dim]) into their cache slots."""
-    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                        scale: float, kept_q_heads: torch.Tensor | None = None, key_mass: torch.Tensor | None = None,
+                        mass_window: int = 1) -> torch.Tensor:
+    """The torch twin of both attention kernels (kernels/prefill_attention.py,
+    kernels/decode_attention.py), and the path every CPU step runs. Same arguments and math as
+    `paged_attention`; computed in q's dtype by torch's fused SDPA, so no [n, L] probability
+    matrix is materialized except the mass's last `mass_window` queries.
 
-
-def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float, kv_heads: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch twin. q: [T, Hq, D]; caches: [num_slots, Hkv, D]; returns [T, Hq, D].
-
-    out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, kv(h)]) V[j, kv(h)] over the keys j of
-    t's sequence with key_position[j] <= query_position[t], where kv(h) = h // (Hq / Hkv), or
-    kv_heads[h] when given (any mapping: ragged heads after pruning, each head reading its own
-    KV head, so the work scales with the heads in q).
+    out[t, h] = sum_j softmax_j(scale * q[t, h] . K[j, kv(h)]) V[j, kv(h)] over the keys j of t's
+    sequence with key_position[j] <= query_position[t], kv(h) = h // (Hq / Hkv); a query with no
+    such key gets 0 (as the kernels; torch's SDPA returns 0 for a fully masked row). The output
+    never depends on whether mass is asked for: a sequence that prunes nothing gets the same bits
+    next to one that does.
     """
+    if key_mass is not None:
+        _accumulate_key_mass(q, k_cache, meta, scale, kept_q_heads, key_mass, mass_window)
+    if kept_q_heads is None:
+        return _attend(q, k_cache, v_cache, meta, scale)
+    if meta.is_decode or kept_q_heads.numel() == 0:
+        # One query per sequence: attending with every slot of q is cheap next to the K/V
+        # gather, which per-head K/V would make `group` times larger (see decode_computes_all_heads).
+        return _attend(q, k_cache, v_cache, meta, scale).index_select(1, kept_q_heads)
+    group = q.shape[1] // k_cache.shape[1]
+    return _attend(q.index_select(1, kept_q_heads), k_cache, v_cache, meta, scale, kept_q_heads // group)
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+            kv_heads: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention output of `paged_attention_ref` for every head of q [T, H, D]: head h reads
+    KV head h // (H / Hkv), or kv_heads[h] when given (the kept heads of a prefill step, each
+    reading its own KV head, so the work scales with the heads in q)."""
     gqa = kv_heads is None and q.shape[1] != k_cache.shape[1]
 
     def gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:     # [..., L, H, D]
@@ -77,8 +92,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def key_mass_ref(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                 kept_q_heads: torch.Tensor | None, key_mass: torch.Tensor, mass_window: int = 1) -> None:
+def _accumulate_key_mass(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                         kept_q_heads: torch.Tensor | None, key_mass: torch.Tensor, mass_window: int) -> None:
     """key_mass[s, j] += sum over heads h and over the last `mass_window` queries i of sequence s
     of softmax_j(scale * q[i, h] . K[j, kv(h)]) over the keys i may see (position <= its own).
     Heads are `kept_q_heads` when given (each reads KV head h // G), else all of q's. The
@@ -124,13 +139,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     key_mass: torch.Tensor | None = None, mass_window: int = 1) -> torch.Tensor:
     """Checked entry point used by the model; see `paged_attention_ref` for the math.
 
-    Runs the Triton kernels where `use_triton(q)` (the decode kernel when meta.is_decode), torch
-    otherwise. Pruning extras, both optional: `kept_q_heads` [Hk] computes only those query heads
-    (head h reads KV head h // G) and returns [T, Hk, D]; `key_mass` [S, L] float32 gets += the
-    attention mass each key receives from the last `mass_window` queries of its sequence (in
-    decode, from the one query), summed over heads. Without `key_mass` the CPU path is
-    `paged_attention_ref` (torch's fused SDPA) over the kept heads only, except in decode steps;
-    with `key_mass` it is the twin next to each kernel.
+    Runs the Triton kernels where `use_triton(q)` (the decode kernel when meta.is_decode), the
+    twin `paged_attention_ref` otherwise. Pruning extras, both optional: `kept_q_heads` [Hk]
+    computes only those query heads (head h reads KV head h // G) and returns [T, Hk, D];
+    `key_mass` [S, L] float32 gets += the attention mass each key receives from the last
+    `mass_window` queries of its sequence (in decode, from the one query), summed over heads.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
@@ -139,25 +152,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"{k_cache.shape[1]} / head_dim {k_cache.shape[2]}")
     if q.shape[0] != meta.query_start_loc[-1]:
         raise ValueError(f"q has {q.shape[0]} rows, metadata describes {meta.query_start_loc[-1]} tokens")
-    triton_path = use_triton(q)
-    if not triton_path:
-        # The output never depends on whether mass is asked for: a sequence that prunes nothing
-        # gets the same bits next to one that does.
-        if key_mass is not None:
-            key_mass_ref(q, k_cache, meta, scale, kept_q_heads, key_mass, mass_window)
-        if kept_q_heads is None:
-            return paged_attention_ref(q, k_cache, v_cache, meta, scale)
-        if meta.is_decode:
-            # One query per sequence: attending with every slot of q is cheap next to the K/V
-            # gather, which per-head K/V would make `group` times larger (see decode_computes_all_heads).
-            return paged_attention_ref(q, k_cache, v_cache, meta, scale).index_select(1, kept_q_heads)
-        group = q.shape[1] // k_cache.shape[1]
-        return paged_attention_ref(q.index_select(1, kept_q_heads), k_cache, v_cache, meta, scale, kept_q_heads // group)
+    if not use_triton(q):
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass, mass_window)
     # Imported here: a CPU run never needs the kernel modules.
     if meta.is_decode:
-        from trident.kernels.decode_attention import decode_attention, decode_attention_ref
-        decode = decode_attention if triton_path else decode_attention_ref
-        return decode(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass)
-    from trident.kernels.prefill_attention import prefill_attention, prefill_attention_ref
-    prefill = prefill_attention if triton_path else prefill_attention_ref
-    return prefill(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass, mass_window)
+        from trident.kernels.decode_attention import decode_attention
+        return decode_attention(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass)
+    from trident.kernels.prefill_attention import prefill_attention
+    return prefill_attention(q, k_cache, v_cache, meta, scale, kept_q_heads, key_mass, mass_window)

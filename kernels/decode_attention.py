@@ -12,13 +12,14 @@ of `meta.key_slots`; padding has position -1. Heavy hitters: if `key_mass` [S, L
 given, each key's attention probability (summed over kept heads) is added to it; the main kernel
 saves the scaled logits of each (head, key), so the mass needs one more read of 4 bytes per head
 and key instead of re-reading K.
+
+Its torch twin, the CPU path, is `kernels.attention.paged_attention_ref` (one twin for both kernels).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from trident.kernels.backend import tl, triton
 from trident.kernels.metadata import AttentionMetadata
@@ -218,26 +219,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             logits, lse, key_mass, meta.key_positions, lens, key_mass.stride(0),
             meta.key_positions.stride(0), num_kept, width, BLOCK_N=block_n)
     return out
-
-
-def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         meta: AttentionMetadata, scale: float, kept_q_heads: torch.Tensor | None = None,
-                         key_mass: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch twin of `decode_attention` (same arguments and math), computed in float32. Every
-    head goes through one batched SDPA call (as `paged_attention_ref`), then the kept heads are
-    selected; the probabilities are materialized only for `key_mass`."""
-    num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    group = num_q_heads // num_kv_heads
-    keys = k_cache[meta.key_slots].float().transpose(1, 2)                   # [S, Hkv, L, D]
-    values = v_cache[meta.key_slots].float().transpose(1, 2)
-    visible = (meta.key_positions >= 0)[:, None, None, :]                    # [S, 1, 1, L]
-    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=visible,
-                                         scale=scale, enable_gqa=group > 1).squeeze(2)  # [S, Hq, D]
-    heads = slice(None) if kept_q_heads is None else kept_q_heads.long()
-    if key_mass is not None:
-        queries = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-        scores = (scale * queries @ keys.transpose(2, 3)).masked_fill(~visible, float("-inf"))  # [S, Hkv, G, L]
-        probs = torch.softmax(scores, -1).nan_to_num(0.0).view(num_seqs, num_q_heads, -1)
-        key_mass += probs[:, heads].sum(1)
-    return out[:, heads].nan_to_num(0.0).to(q.dtype)                        # no key: 0

@@ -11,11 +11,12 @@ is the same op. Pruning enters through two inputs:
 Optionally the launcher adds to `key_mass` [S, L] the attention mass each key receives from the
 last `mass_window` queries of its sequence (summed over kept heads): a second pass recomputes
 q.k for just those queries and normalizes with the saved logsumexp, so no [T, L] matrix exists.
+
+Its torch twin, the CPU path, is `kernels.attention.paged_attention_ref` (one twin for both kernels).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from trident.kernels.backend import tl, triton
 from trident.kernels.metadata import AttentionMetadata
@@ -232,36 +233,4 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             meta.key_slots.stride(0), meta.key_positions.stride(0), key_mass.stride(0),
             num_kept, num_q_heads // num_kv_heads, head_dim, mass_window, qk_scale,
             BLOCK_M=mass_block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
-    return out
-
-
-def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          meta: AttentionMetadata, scale: float, kept_q_heads: torch.Tensor | None = None,
-                          key_mass: torch.Tensor | None = None, mass_window: int = 1) -> torch.Tensor:
-    """Torch twin of `prefill_attention` (same arguments and math), computed in float32. The
-    output goes through SDPA (no [n, L] matrix on CPU either); the key mass materializes the
-    probabilities of the last `mass_window` queries only."""
-    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
-    group = num_q_heads // num_kv_heads
-    heads = None if kept_q_heads is None else kept_q_heads.long()
-    out = q.new_empty(q.shape[0], num_q_heads if heads is None else heads.numel(), q.shape[2])
-    lens = key_lens(meta.key_positions).tolist()
-    for s in range(meta.num_seqs):
-        lo, hi = meta.query_start_loc[s], meta.query_start_loc[s + 1]
-        slots, k_pos = meta.key_slots[s, :lens[s]], meta.key_positions[s, :lens[s]]
-        keys = k_cache[slots].transpose(0, 1).float()                          # [Hkv, L, D]
-        values = v_cache[slots].transpose(0, 1).float()
-        queries = q[lo:hi].transpose(0, 1).float()                              # [Hq, n, D]
-        if heads is not None:   # each kept head with its own KV head
-            keys, values, queries = keys[heads // group], values[heads // group], queries[heads]
-        visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= meta.query_positions[lo:hi, None])  # [n, L]
-        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=scale,
-                                              enable_gqa=heads is None and group > 1)
-        out[lo:hi] = attn.nan_to_num(0.0).transpose(0, 1).to(q.dtype)        # no visible key: 0
-        if key_mass is not None:
-            last, window_visible = queries[:, -mass_window:], visible[-mass_window:]
-            if heads is None:
-                keys = keys.repeat_interleave(group, 0)
-            scores = (scale * last @ keys.transpose(1, 2)).masked_fill(~window_visible, float("-inf"))
-            key_mass[s, :lens[s]] += torch.softmax(scores, -1).nan_to_num(0.0).sum((0, 1))
     return out
