@@ -20,7 +20,6 @@ Settings: the calibrated per-layer thresholds, then one threshold for every exit
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -29,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from trident.bench.datasets import default_data_dir, positive_int, require_writable
+from trident.bench.datasets import positive_int, require_writable
+from trident.bench.inprocess import model_parser
 from trident.bench.machine import machine_info
+from trident.bench.report import markdown, save_figure
 from trident.engine.config import EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import split_windows
@@ -195,32 +196,25 @@ def plot(result: dict, path: Path) -> None:
     if rows and max(r["perplexity_ratio"] for r in rows) > 4:
         axes[0].set_yscale("log")
     fig.suptitle(f"Early exit on {result['model']}: the threshold sweep")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown_table(result: dict) -> str:
     n = result["passages"]
-    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['machine']['threads']} threads; exits "
-             f"after layers {result['exit_layers']} (0-based); {n} held-out WikiText-2 passages, "
-             f"{result['tokens']} teacher-forced decode steps each after a {result['context']}-token prompt. "
-             f"Dense perplexity {result['dense']['perplexity']:.2f}.",
-             "",
-             f"| setting | tokens exited | mean layers | token agreement | perplexity vs dense | b1 decode | b{n} decode |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['setting']} | {r['exit_rate']:.1%} | {r['mean_layers']:.1f} | {r['token_agreement']:.3f} "
-                     f"| {r['perplexity_ratio']:.3f}x | {r['b1_speedup']:.2f}x | {r[f'b{n}_speedup']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    caption = (f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['machine']['threads']} threads; "
+               f"exits after layers {result['exit_layers']} (0-based); {n} held-out WikiText-2 passages, "
+               f"{result['tokens']} teacher-forced decode steps each after a {result['context']}-token prompt. "
+               f"Dense perplexity {result['dense']['perplexity']:.2f}.")
+    columns = ["setting", "tokens exited", "mean layers", "token agreement", "perplexity vs dense", "b1 decode",
+               f"b{n} decode"]
+    return markdown(caption, columns, [
+        [r["setting"], f"{r['exit_rate']:.1%}", f"{r['mean_layers']:.1f}", f"{r['token_agreement']:.3f}",
+         f"{r['perplexity_ratio']:.3f}x", f"{r['b1_speedup']:.2f}x", f"{r[f'b{n}_speedup']:.2f}x"]
+        for r in result["rows"]])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trident.bench.early_exit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--data-dir", type=Path, default=default_data_dir())
+    ap = model_parser("trident.bench.early_exit", __doc__)
     ap.add_argument("--exit-layers", help="comma-separated layers (default: from half the depth on)")
     ap.add_argument("--agreement", type=float, default=DEFAULT_AGREEMENT, help="target of the calibrated thresholds")
     ap.add_argument("--thresholds", default="0.95,0.9,0.8,0.7,0.5", help="one-threshold settings (comma-separated)")

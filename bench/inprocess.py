@@ -6,6 +6,7 @@ engine steps in turn, so a slow spell of the machine lands on all of them alike.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +19,16 @@ from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
 
 DATA_DIR = default_data_dir()
+
+
+def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The command line an in-process sweep starts from: which model, at which dtype, reading
+    its text from which data folder."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    return ap
 
 
 def batch_params(decode_tokens: int, pruning: RequestPruning | None = None) -> SamplingParams:

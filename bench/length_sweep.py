@@ -17,7 +17,6 @@ Per policy, next to dense:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -28,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from trident.bench.datasets import WIKITEXT_FILE, default_data_dir, positive_int, require_data_file, require_writable
-from trident.bench.inprocess import lockstep_speed, paired_ratio
+from trident.bench.datasets import WIKITEXT_FILE, positive_int, require_data_file, require_writable
+from trident.bench.inprocess import lockstep_speed, model_parser, paired_ratio
 from trident.bench.machine import machine_info
+from trident.bench.report import markdown, save_figure
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import token_windows
@@ -172,42 +172,30 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("continuation perplexity (lower is better)")
         ax.grid(alpha=0.3)
     fig.suptitle("Length axis: quality vs speed and memory on long WikiText contexts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown_table(result: dict) -> str:
     """The sweep's rows as a Markdown table (quality next to every speed and memory figure)."""
-    def cell(row: dict, key: str, fmt: str) -> str:
+    def cell(row: dict, key: str, fmt: str, unit: str = "") -> str:
         value = row.get(key)
-        return "" if value is None else format(value, fmt)
+        return "" if value is None else format(value, fmt) + unit
 
-    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['context']}-token contexts, "
-             f"{result['continuation']}-token teacher-forced continuations over {result['passages']} passages; "
-             f"{result['streams']}-stream decode; admission in {result['kv_cache_blocks_admission']} KV blocks.",
-             "",
-             "| policy | perplexity | vs dense | token agreement | greedy agreement | TTFT speedup "
-             "| decode speedup | KV blocks / seq | fewer blocks | admitted |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join([
-            row["policy"], cell(row, "perplexity", ".2f"), cell(row, "perplexity_ratio", ".3f") or "1",
-            cell(row, "token_agreement", ".3f"), cell(row, "greedy_agreement", ".3f"),
-            cell(row, "ttft_speedup", ".2f") + "x" * (row.get("ttft_speedup") is not None),
-            cell(row, "decode_speedup", ".2f") + "x" * (row.get("decode_speedup") is not None),
-            cell(row, "blocks_per_seq", ".1f"),
-            cell(row, "block_reduction", ".1f") + "x" * (row.get("block_reduction") is not None),
-            cell(row, "admitted", "d")]) + " |")
-    return "\n".join(lines) + "\n"
+    caption = (f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['context']}-token contexts, "
+               f"{result['continuation']}-token teacher-forced continuations over {result['passages']} passages; "
+               f"{result['streams']}-stream decode; admission in {result['kv_cache_blocks_admission']} KV blocks.")
+    columns = ["policy", "perplexity", "vs dense", "token agreement", "greedy agreement", "TTFT speedup",
+               "decode speedup", "KV blocks / seq", "fewer blocks", "admitted"]
+    return markdown(caption, columns, [
+        [row["policy"], cell(row, "perplexity", ".2f"), cell(row, "perplexity_ratio", ".3f") or "1",
+         cell(row, "token_agreement", ".3f"), cell(row, "greedy_agreement", ".3f"), cell(row, "ttft_speedup", ".2f", "x"),
+         cell(row, "decode_speedup", ".2f", "x"), cell(row, "blocks_per_seq", ".1f"),
+         cell(row, "block_reduction", ".1f", "x"), cell(row, "admitted", "d")]
+        for row in result["rows"]])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trident.bench.length_sweep", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--data-dir", type=Path, default=default_data_dir())
+    ap = model_parser("trident.bench.length_sweep", __doc__)
     ap.add_argument("--context", type=positive_int, default=4000)
     ap.add_argument("--continuation", type=positive_int, default=256)
     ap.add_argument("--passages", type=positive_int, default=4)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from trident.bench.report import save_figure
+
 
 @dataclass
 class SweepPoint:
@@ -88,6 +90,4 @@ def plot_sweep(points: list[SweepPoint], path: str | Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

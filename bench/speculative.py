@@ -18,7 +18,6 @@ Per draft and draft length, each next to a dense run made just before it:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from trident.bench.datasets import default_data_dir, load_alpaca, positive_int, require_writable
+from trident.bench.datasets import load_alpaca, positive_int, require_writable
+from trident.bench.inprocess import model_parser
 from trident.bench.machine import machine_info
+from trident.bench.report import markdown, save_figure
 from trident.engine.config import EngineConfig, SchedulerConfig, SpeculativeConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import collect_stats, importance, token_windows
@@ -165,34 +166,26 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Self-speculative decoding on {result['model']} (greedy output identical)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown_table(result: dict) -> str:
     n = result["instructions"]
-    lines = [f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['machine']['threads']} threads, "
-             f"{n} Alpaca instructions, {result['max_tokens']} greedy tokens each. Drafts skip the layers of "
-             f"lowest Block Influence; every speed ratio is against a dense run made just before it.",
-             "",
-             f"| draft skips | draft tokens | acceptance | tokens / verify | identical (b1, b{n}) | b1 speedup "
-             f"| b{n} speedup | dense step (ms) | draft pass (ms) | verify pass (ms) | free-draft ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['skip']} layers {r['skipped_layers']} | {r['draft_tokens']} | {r['acceptance']:.2f} "
-                     f"| {r['tokens_per_verify']:.2f} | {r['b1_identical']}/{n}, {r[f'b{n}_identical']}/{n} "
-                     f"| {r['b1_speedup']:.2f}x | {r[f'b{n}_speedup']:.2f}x | {r['dense_step_ms']:.1f} "
-                     f"| {r['draft_pass_ms']:.1f} | {r['verify_pass_ms']:.1f} | {r['free_draft_ceiling']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    caption = (f"`{result['command']}` — {result['model']}, {result['dtype']}, {result['machine']['threads']} threads, "
+               f"{n} Alpaca instructions, {result['max_tokens']} greedy tokens each. Drafts skip the layers of "
+               f"lowest Block Influence; every speed ratio is against a dense run made just before it.")
+    columns = ["draft skips", "draft tokens", "acceptance", "tokens / verify", f"identical (b1, b{n})", "b1 speedup",
+               f"b{n} speedup", "dense step (ms)", "draft pass (ms)", "verify pass (ms)", "free-draft ceiling"]
+    return markdown(caption, columns, [
+        [f"{r['skip']} layers {r['skipped_layers']}", str(r["draft_tokens"]), f"{r['acceptance']:.2f}",
+         f"{r['tokens_per_verify']:.2f}", f"{r['b1_identical']}/{n}, {r[f'b{n}_identical']}/{n}",
+         f"{r['b1_speedup']:.2f}x", f"{r[f'b{n}_speedup']:.2f}x", f"{r['dense_step_ms']:.1f}",
+         f"{r['draft_pass_ms']:.1f}", f"{r['verify_pass_ms']:.1f}", f"{r['free_draft_ceiling']:.2f}x"]
+        for r in result["rows"]])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trident.bench.speculative", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--data-dir", type=Path, default=default_data_dir())
+    ap = model_parser("trident.bench.speculative", __doc__)
     ap.add_argument("--instructions", type=positive_int, default=8)
     ap.add_argument("--max-tokens", type=positive_int, default=64)
     ap.add_argument("--calibration-tokens", type=positive_int, default=2048)

@@ -28,6 +28,7 @@ from trident.bench.inprocess import (DATA_DIR, engine_for, labelled, lockstep_sp
 from trident.bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, load_alpaca, positive_int, require_data_file,
                                     require_writable)
 from trident.bench.pareto import pareto_front
+from trident.bench.report import save_figure
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import perplexity, token_windows
 from trident.engine.pruning.profiles import profile_dir
@@ -112,9 +113,7 @@ def plot(points: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Pruning plans: quality vs speed (labels: plan, * if healed, and greedy agreement with dense)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from trident.kernels.backend import tl, triton
 from trident.kernels.metadata import AttentionMetadata
+from trident.kernels.paged_kv import load_kv_tile
 from trident.kernels.launch import (FLOAT_DTYPES, MIN_DOT, check, check_attention_inputs, check_tensor,
                             dot_precision, key_lens, kept_heads, num_sms, pow2_at_least, step_tensor)
 
@@ -62,13 +63,8 @@ def _decode_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slots = tl.load(slots_row + offs_n, mask=mask_n, other=0)
-        k_pos = tl.load(kpos_row + offs_n, mask=mask_n, other=-1)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)                               # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k_pos, k, v = load_kv_tile(slots_row, kpos_row, offs_n, mask_n, k_ptr, v_ptr, stride_ks, stride_kh,
+                                   stride_vs, stride_vh, kv_head, offs_d, mask_d)   # [BLOCK_N], [BLOCK_N, BLOCK_D] x 2
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
         scores = tl.where((k_pos >= 0)[None, :], scores, float("-inf"))
         if STORE_LOGITS:   # logits: [S, Hk, L] in log2 units

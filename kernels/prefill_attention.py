@@ -20,6 +20,7 @@ import torch
 
 from trident.kernels.backend import tl, triton
 from trident.kernels.metadata import AttentionMetadata
+from trident.kernels.paged_kv import load_cache_rows, load_kv_tile
 from trident.kernels.launch import (FLOAT_DTYPES, MIN_DOT, check, check_attention_inputs, check_tensor,
                             dot_precision, key_lens, kept_heads, pow2_at_least, step_tensor)
 
@@ -80,13 +81,8 @@ def _prefill_attention_kernel(
     for start in range(0, key_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < key_end
-        slots = tl.load(slots_row + offs_n, mask=mask_n, other=0)
-        k_pos = tl.load(kpos_row + offs_n, mask=mask_n, other=-1)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)                             # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k_pos, k, v = load_kv_tile(slots_row, kpos_row, offs_n, mask_n, k_ptr, v_ptr, stride_ks, stride_kh,
+                                   stride_vs, stride_vh, kv_head, offs_d, mask_d)   # [BLOCK_N], [BLOCK_N, BLOCK_D] x 2
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
@@ -125,8 +121,8 @@ def _prefill_key_mass_kernel(
         mask_n, mask_d = offs_n < key_len, offs_d < head_dim
         slots = tl.load(key_slots_ptr + seq * stride_slots + offs_n, mask=mask_n, other=0)
         k_pos = tl.load(key_pos_ptr + seq * stride_kpos + offs_n, mask=mask_n, other=-1)
-        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)    # [BLOCK_N, BLOCK_D]
+        k = load_cache_rows(k_ptr, slots, stride_ks, kv_head, stride_kh, offs_d,
+                            mask_n[:, None] & mask_d[None, :])             # [BLOCK_N, BLOCK_D]
         row_end = tl.load(seq_start_ptr + seq + 1)
         row_start = tl.maximum(tl.load(seq_start_ptr + seq), row_end - window)
         mass = tl.zeros([BLOCK_N], tl.float32)

@@ -35,10 +35,10 @@ from trident.engine.pruning.depth import (DEPTH_BUDGETS, DEPTH_COMPENSATIONS, bu
                                           depth_plan, rank_layers, sweep_runs)
 from trident.engine.pruning.exits import DEFAULT_AGREEMENT, calibrate_exits, default_exit_layers, exit_plan
 from trident.engine.pruning.heal import heal, layer_tensors
+from trident.engine.pruning.passes import prefill_windows
 from trident.engine.pruning.plan import HEAD_UNITS, LayerPlan, PruningPlan
 from trident.engine.pruning.reconstruct import COMPENSATIONS, refit_columns
 from trident.engine.pruning.profiles import profile_dir
-from trident.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 WIDTH_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -98,12 +98,7 @@ def collect_stats(llm: LLM, windows: list[list[int]]) -> list[LayerStats]:
             st.cos_sum += torch.nn.functional.cosine_similarity(args[0].double(), out.double(), dim=-1).sum().item()
             st.tokens += out.shape[0]
         hooks.append(layer.register_forward_hook(block_influence))
-    try:
-        for window in tqdm(windows, desc="calibrating", unit="window"):
-            llm.generate([window], SamplingParams(max_tokens=0))
-    finally:
-        for h in hooks:
-            h.remove()
+    prefill_windows(llm, windows, hooks, "calibrating")
     return stats
 
 

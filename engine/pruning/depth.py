@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
+from trident.engine.pruning.passes import prefill_windows
 from trident.engine.pruning.plan import PruningPlan
 from trident.engine.pruning.reconstruct import DAMPING
-from trident.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from trident.engine.llm import LLM
@@ -132,12 +131,7 @@ def collect_run_moments(llm: "LLM", windows: list[list[int]], keys: set[tuple[in
                 if l == last:
                     moments.add(out - x_in[j], h[k])
         hooks.append(layers[last].register_forward_hook(end_of_run))
-    try:
-        for window in tqdm(windows, desc="depth statistics", unit="window"):
-            llm.generate([window], SamplingParams(max_tokens=0))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    prefill_windows(llm, windows, hooks, "depth statistics")
     return stats
 
 
