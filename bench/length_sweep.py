@@ -18,6 +18,7 @@ Per policy, next to dense:
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import json
 import math
 import statistics
@@ -35,17 +36,28 @@ from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.calibrate import token_windows
 from trident.engine.pruning.length import RequestPruning, default_prefill_layer
+from trident.engine.pruning.plan import LengthPolicy, PruningPlan
 from trident.engine.sampling_params import SamplingParams
 
 GREEDY_TOKENS = 32
 ADMISSION_OFFERED = 16
 
 
-def make_llm(args, num_blocks: int | None = None, max_model_len: int | None = None) -> LLM:
+def make_llm(args, num_blocks: int | None = None, max_model_len: int | None = None, plan: str | None = None) -> LLM:
     """An engine without prefix caching (every run recomputes its prompts)."""
-    return LLM(EngineConfig(model=args.model, dtype=args.dtype,
+    return LLM(EngineConfig(model=args.model, dtype=args.dtype, plan=plan,
                             cache=CacheConfig(enable_prefix_caching=False, num_blocks=num_blocks),
                             scheduler=SchedulerConfig(max_model_len=max_model_len or args.context + args.continuation + 64)))
+
+
+def pool_plan(llm: LLM, pool: int, folder: Path) -> str:
+    """A plan file, written into `folder`, for `llm`'s model that prunes nothing statically and
+    scores prefill rows over `pool` neighbours (LengthPolicy.prefill_pool)."""
+    plan = PruningPlan.dense(llm.engine.model_config)
+    plan.name, plan.length = f"pool-{pool}", LengthPolicy(prefill_pool=pool)
+    path = folder / f"plan-pool-{pool}.json"
+    plan.save(path)
+    return str(path)
 
 
 @contextlib.contextmanager
@@ -200,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--continuation", type=positive_int, default=256)
     ap.add_argument("--passages", type=positive_int, default=4)
     ap.add_argument("--prefill-keeps", default="0.7,0.5,0.3")
+    ap.add_argument("--prefill-layer", type=int, help="layer the keeps prune after (default: the server's default)")
+    ap.add_argument("--compare-pools", default="",
+                    help="prefill_pool values whose quality to measure too, each under a plan that sets it (comma-separated)")
     ap.add_argument("--budgets", default="128,256,512")
     ap.add_argument("--streams", type=positive_int, default=8)
     ap.add_argument("--decode-tokens", type=positive_int, default=32)
@@ -216,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = make_llm(args)
     num_layers = llm.engine.model_config.num_layers
-    prefill_policies = [(f"keep {f:g} after layer {default_prefill_layer(num_layers)}", RequestPruning(prefill_keep=f))
-                        for f in keeps]
+    layer = default_prefill_layer(num_layers) if args.prefill_layer is None else args.prefill_layer
+    prefill_policies = [(f"keep {f:g} after layer {layer}", RequestPruning(prefill_keep=[(layer, f)])) for f in keeps]
     decode_policies = [(f"kv budget {b}", RequestPruning(kv_budget=b)) for b in budgets]
     passages = passages_for(llm, args, args.passages, args.context + args.continuation)
 
@@ -232,6 +247,16 @@ def main(argv: list[str] | None = None) -> int:
                          "perplexity": q["perplexity"], "perplexity_ratio": q["perplexity"] / dense_quality["perplexity"],
                          "token_agreement": q["token_agreement"], "greedy_agreement": q["greedy_agreement"]})
             print(f"  {label}: {rows[-1]}", file=sys.stderr)
+    for pool in [int(p) for p in args.compare_pools.split(",") if p]:
+        pooled = make_llm(args, plan=pool_plan(llm, pool, Path(tempfile.mkdtemp())))
+        for label, pruning in prefill_policies:
+            q = quality(pooled, passages, args, pruning, dense_quality)
+            rows.append({"policy": f"{label}, pool {pool}", "kind": "prefill", "perplexity": q["perplexity"],
+                         "pruning": {**{k: v for k, v in vars(pruning).items() if v is not None}, "prefill_pool": pool},
+                         "perplexity_ratio": q["perplexity"] / dense_quality["perplexity"],
+                         "token_agreement": q["token_agreement"], "greedy_agreement": q["greedy_agreement"]})
+            print(f"  {rows[-1]['policy']}: {rows[-1]}", file=sys.stderr)
+        del pooled
     by_label = {r["policy"]: r for r in rows}
 
     print("time to first token ...", file=sys.stderr)

@@ -290,7 +290,8 @@ class ModelRunner:
             prefill = s.num_new_tokens > 1                  # a decode row is never dropped
             steps.append(SeqStep(seq_slots, seq_positions, s.seq.kv_depth, n,
                                  schedule=list(policy.prefill_keep) if prefill else [],
-                                 sinks=policy.prefill_sinks, scores=policy.kv_budget > 0, exits=seq_exits))
+                                 sinks=policy.prefill_sinks, pool=policy.prefill_pool, scores=policy.kv_budget > 0,
+                                 exits=seq_exits))
         window = max((s.seq.length.window for s in sched.scheduled if s.seq.prunes_length), default=1)
         return StepPruning(steps, self.present_layers, self.num_layers, window, self.device,
                            decode_pads=self.flop_counter.decode_pads, exit_probes=self.exit_probes,

@@ -225,6 +225,11 @@ def test_selection_rules():
     assert select_rows(mass, positions, 3, sinks=0).tolist() == [1, 3, 6]
     # positions below `sinks` stay too, even when that keeps more than asked
     assert select_rows(mass, torch.arange(7), 2, sinks=2).tolist() == [0, 1, 6]
+    # max-pooled over 3 neighbours, the rows around the heaviest one (1) score as it does and
+    # outrank row 5 (4.0), which plain scores keep
+    pooled = torch.tensor([0.0, 5.0, 0.1, 0.0, 0.0, 4.0, 0.3, 0.0])
+    assert select_rows(pooled, torch.arange(10, 18), 4, sinks=0).tolist() == [1, 5, 6, 7]
+    assert select_rows(pooled, torch.arange(10, 18), 4, sinks=0, pool=3).tolist() == [0, 1, 2, 7]
     policy = LengthPolicy(decode_sinks=1, decode_recent=2, decode_heavy=2)
     # 7 keys, budget 5: key 0 (sink), keys 5-6 (recent), and the two heaviest of 1-4 (1 and 3) stay
     assert select_evictions(mass, policy).tolist() == [2, 4]

@@ -68,6 +68,7 @@ class LengthPolicy:
     decode_heavy: int = 0                          # ... heavy hitters kept; all three 0 = no eviction
     window: int = 32                               # last queries of a chunk whose attention mass scores keys
     prefill_sinks: int = 4                         # first prompt tokens prefill dropping always keeps
+    prefill_pool: int = 63                         # odd; rows scored by the max mass among this many neighbours
 
     @property
     def kv_budget(self) -> int:
@@ -249,6 +250,8 @@ def check_length_policy(policy: LengthPolicy, num_layers: int, kept_layers: list
         raise ValueError("a KV budget needs decode_recent >= 1: the newest token is always kept")
     if policy.window < 1 or policy.prefill_sinks < 0:
         raise ValueError(f"window must be >= 1 and prefill_sinks >= 0, got {policy.window}, {policy.prefill_sinks}")
+    if policy.prefill_pool < 1 or policy.prefill_pool % 2 == 0:
+        raise ValueError(f"prefill_pool must be an odd count >= 1, got {policy.prefill_pool}")
 
 
 def _check_indices(indices: list[int] | None, limit: int, what: str) -> None:
@@ -317,7 +320,7 @@ def _length_from_json(raw) -> LengthPolicy:
     if unknown:
         raise PlanError(f"length policy: unknown field {unknown[0]!r}")
     budget = {}
-    for name in ("decode_sinks", "decode_recent", "decode_heavy", "window", "prefill_sinks"):
+    for name in ("decode_sinks", "decode_recent", "decode_heavy", "window", "prefill_sinks", "prefill_pool"):
         value = raw.get(name, LengthPolicy.__dataclass_fields__[name].default)
         if not _is_int(value) or value < 0:
             raise PlanError(f"length policy: {name!r} must be a token count >= 0, got {value!r}")
