@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     llm = make_llm(args)
     num_layers = llm.engine.model_config.num_layers
     layer = default_prefill_layer(num_layers) if args.prefill_layer is None else args.prefill_layer
-    prefill_policies = [(f"keep {f:g} after layer {layer}", RequestPruning(prefill_keep=[(layer, f)])) for f in keeps]
+    pools = [int(p) for p in args.compare_pools.split(",") if p]
+    suffix = f", pool {LengthPolicy().prefill_pool}" if pools else ""      # the default pool, named next to others
+    prefill_policies = [(f"keep {f:g} after layer {layer}{suffix}", RequestPruning(prefill_keep=[(layer, f)]))
+                        for f in keeps]
     decode_policies = [(f"kv budget {b}", RequestPruning(kv_budget=b)) for b in budgets]
     passages = passages_for(llm, args, args.passages, args.context + args.continuation)
 
@@ -247,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                          "perplexity": q["perplexity"], "perplexity_ratio": q["perplexity"] / dense_quality["perplexity"],
                          "token_agreement": q["token_agreement"], "greedy_agreement": q["greedy_agreement"]})
             print(f"  {label}: {rows[-1]}", file=sys.stderr)
-    for pool in [int(p) for p in args.compare_pools.split(",") if p]:
+    for pool in pools:
         pooled = make_llm(args, plan=pool_plan(llm, pool, Path(tempfile.mkdtemp())))
         for label, pruning in prefill_policies:
+            label = label.removesuffix(suffix)
             q = quality(pooled, passages, args, pruning, dense_quality)
             rows.append({"policy": f"{label}, pool {pool}", "kind": "prefill", "perplexity": q["perplexity"],
                          "pruning": {**{k: v for k, v in vars(pruning).items() if v is not None}, "prefill_pool": pool},

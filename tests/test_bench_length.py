@@ -7,6 +7,7 @@ from trident.bench import length_sweep
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.length import RequestPruning
+from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.sampler import sample
 from trident.engine.sampling_params import SamplingParams
 
@@ -41,3 +42,16 @@ def test_the_sweep_writes_every_figure(tiny_model_dir, tmp_path):
     assert 0 <= budget["token_agreement"] <= 1 and budget["perplexity"] > 0
     assert rows["keep 0.5 after layer 0"]["ttft_s"] > 0
     assert (out / "length_sweep.png").stat().st_size > 0
+
+
+def test_the_sweep_compares_prefill_pools_under_plan_files(tiny_model_dir, tmp_path):
+    out = tmp_path / "pools"
+    assert length_sweep.main(["--model", str(tiny_model_dir), "--context", "120", "--continuation", "16",
+                              "--passages", "1", "--prefill-keeps", "0.5", "--prefill-layer", "1", "--budgets", "",
+                              "--compare-pools", "1", "--streams", "1", "--decode-tokens", "2", "--rounds", "1",
+                              "--admission-tokens", "20", "--output-dir", str(out)]) == 0
+    rows = {r["policy"]: r for r in json.loads((out / "length_sweep.json").read_text())["rows"]}
+    default = LengthPolicy().prefill_pool
+    assert set(rows) == {"dense", f"keep 0.5 after layer 1, pool {default}", "keep 0.5 after layer 1, pool 1"}
+    pooled = rows["keep 0.5 after layer 1, pool 1"]
+    assert pooled["pruning"] == {"prefill_keep": [[1, 0.5]], "prefill_pool": 1} and pooled["perplexity"] > 0

@@ -68,7 +68,7 @@ class LengthPolicy:
     decode_heavy: int = 0                          # ... heavy hitters kept; all three 0 = no eviction
     window: int = 32                               # last queries of a chunk whose attention mass scores keys
     prefill_sinks: int = 4                         # first prompt tokens prefill dropping always keeps
-    prefill_pool: int = 63                         # odd; rows scored by the max mass among this many neighbours
+    prefill_pool: int = 31                         # odd; rows scored by the max mass among this many neighbours
 
     @property
     def kv_budget(self) -> int:
