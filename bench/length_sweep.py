@@ -2,7 +2,8 @@
 
     python -m trident.bench.length_sweep [--model smollm2-135m-instruct] [--dtype float32]
         [--context 4000] [--continuation 256] [--passages 4] [--prefill-keeps 0.7,0.5,0.3]
-        [--budgets 128,256,512] [--streams 8] [--output-dir bench/results/length-float32]
+        [--prefill-layer M] [--compare-pools 1,15] [--budgets 128,256,512] [--streams 8]
+        [--output-dir bench/results/length-float32]
 
 Per policy, next to dense:
 - prefill: time to first token of one --context-token prompt, in rounds that rotate which policy
@@ -18,11 +19,11 @@ Per policy, next to dense:
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
