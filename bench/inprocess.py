@@ -32,7 +32,7 @@ def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def batch_params(decode_tokens: int, pruning: RequestPruning | None = None) -> SamplingParams:
-    """Greedy, EOS ignored: every sequence of a timed batch runs exactly `decode_tokens` decode steps."""
+    """Greedy, EOS ignored: every sequence runs exactly `decode_tokens` decode steps after its first token."""
     return SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True, pruning=pruning)
 
 
@@ -55,10 +55,13 @@ def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_token
     `first` opens the first turn, and each turn starts one engine later), so a slow spell of the
     machine lands on every engine's steps alike instead of on whichever ran while it lasted.
     Both phases are timed from each engine's own steps: prefill is the prompt tokens over the
-    time of the steps until every sequence holds its first token, decode the tokens generated
-    after that over the time of the remaining steps. Needs idle engines without prefix caching,
-    so that the timed run recomputes its prompts. `pruning`: each engine's per-request pruning
-    (the length axis), None for none."""
+    time of the steps until every sequence holds its first token; decode is the tokens emitted
+    over the time of the next `decode_tokens` steps, in which every sequence of the batch
+    decodes (a chunked prefill finishes its first prompts long before its last, so sequences
+    that stopped after a fixed count would leave the window with fewer rows than the batch).
+    The sequences may run to the engine's max_model_len; the batch is aborted once timed.
+    Needs idle engines without prefix caching, so that the timed run recomputes its prompts.
+    `pruning`: each engine's per-request pruning (the length axis), None for none."""
     for llm in llms:
         if llm.engine.config.cache.enable_prefix_caching:
             raise ValueError("timing needs an engine without prefix caching")
@@ -68,28 +71,36 @@ def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_token
     for llm, batch, policy in zip(llms, prompts, pruning):
         if warm_up:
             llm.generate(batch, batch_params(decode_tokens, policy))
-    seqs = [add_batch(llm, batch, decode_tokens, "speed", policy) for llm, batch, policy in zip(llms, prompts, pruning)]
+    room = [llm.engine.config.scheduler.max_model_len - max(map(len, batch)) for llm, batch in zip(llms, prompts)]
+    seqs = [add_batch(llm, batch, r - 1, "speed", policy) for llm, batch, r, policy in zip(llms, prompts, room, pruning)]
     n = len(llms)
     prefill_s, decode_s = [0.0] * n, [0.0] * n
-    generated_before: list[int | None] = [None] * n     # tokens out when the prefill phase ended
+    emitted_before: list[int | None] = [None] * n     # tokens out when the prefill phase ended
+    decode_steps = [0] * n
     turn = first
-    while any(llm.engine.has_unfinished_requests() for llm in llms):
+    while any(steps < decode_tokens for steps in decode_steps):
         for i in [(turn + k) % n for k in range(n)]:
-            engine = llms[i].engine
-            if not engine.has_unfinished_requests():
+            if decode_steps[i] >= decode_tokens:
                 continue
             start = time.perf_counter()
-            engine.step()
+            llms[i].engine.step()
             elapsed = time.perf_counter() - start
-            if generated_before[i] is not None:
+            if any(seq.is_finished for seq in seqs[i]):
+                raise ValueError(f"a sequence of engine {i} finished before its {decode_tokens} decode steps "
+                                 f"were timed: raise its max_model_len")
+            if emitted_before[i] is not None:
                 decode_s[i] += elapsed
-                continue
-            prefill_s[i] += elapsed
-            if all(seq.num_output_tokens > 0 for seq in seqs[i]):
-                generated_before[i] = sum(seq.num_output_tokens for seq in seqs[i])
+                decode_steps[i] += 1
+            else:
+                prefill_s[i] += elapsed
+                if all(seq.num_output_tokens > 0 for seq in seqs[i]):
+                    emitted_before[i] = sum(seq.num_output_tokens for seq in seqs[i])
         turn += 1
+    for llm in llms:
+        for request_id in list(llm.engine.requests):
+            llm.engine.abort_request(request_id)
     return [(sum(map(len, batch)) / prefill_s[i],
-             (sum(seq.num_output_tokens for seq in seqs[i]) - generated_before[i]) / decode_s[i])
+             (sum(seq.num_output_tokens for seq in seqs[i]) - emitted_before[i]) / decode_s[i])
             for i, batch in enumerate(prompts)]
 
 

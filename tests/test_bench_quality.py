@@ -75,7 +75,7 @@ def test_lockstep_speed_of_one_engine_times_prefill_and_decode_steps_directly(ti
     def make(prefix_caching=False):
         return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
                                 cache=CacheConfig(num_blocks=64, enable_prefix_caching=prefix_caching),
-                                scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=16)))
+                                scheduler=SchedulerConfig(max_model_len=48, max_num_batched_tokens=16)))
 
     llm = make()
     # A clock that advances one second per engine step, so the rates count tokens per step.
@@ -90,11 +90,14 @@ def test_lockstep_speed_of_one_engine_times_prefill_and_decode_steps_directly(ti
     monkeypatch.setattr(sweep.time, "perf_counter", lambda: clock["now"])
     prompts = [list(range(3, 13)), list(range(20, 30)), list(range(40, 50))]   # 30 tokens, 16 per step
     ((prefill, decode),) = sweep.lockstep_speed([llm], [prompts], decode_tokens=4)
-    # Two chunked prefill steps give every sequence its first token; decodes ride along in step 2
-    # (sequence 0's second token), so the decode phase has 11 tokens left in 4 steps.
+    # Two chunked prefill steps give every sequence its first token (sequence 0's second token
+    # rides along in step 2 and is not counted); then 4 decode steps of the whole batch, 3 tokens
+    # each, and the batch is aborted.
     assert prefill == 30 / 2
-    assert decode == 11 / 4
+    assert decode == 12 / 4
     assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="finished before its 40 decode steps"):
+        sweep.lockstep_speed([llm], [prompts], decode_tokens=40, warm_up=False)     # 10 + 40 > 48 tokens of room
     with pytest.raises(ValueError, match="prefix caching"):
         sweep.lockstep_speed([make(prefix_caching=True)], [prompts], decode_tokens=4)
 
@@ -224,10 +227,9 @@ def test_lockstep_speed_steps_the_engines_in_turns_and_times_each_ones_own_steps
     long = [list(range(3, 13)), list(range(20, 30)), list(range(40, 50))]      # 30 tokens, 2 prefill steps
     short = [list(range(3, 9))]                                                # 6 tokens, 1 prefill step
     (a_prefill, a_decode), (b_prefill, b_decode) = sweep.lockstep_speed(llms, [long, short], 4, first=1)
-    # "a": two chunked prefill steps give every sequence its first token; decodes ride along in
-    # step 2 (sequence 0's second token), so 11 tokens are left for 4 decode steps. "b": one
-    # prefill step, then 4 decode steps of one token each.
-    assert (a_prefill, a_decode) == (30 / 2, 11 / 4)
+    # "a": two chunked prefill steps give every sequence its first token, then 4 decode steps of
+    # 3 tokens each. "b": one prefill step, then 4 decode steps of one token each.
+    assert (a_prefill, a_decode) == (30 / 2, 12 / 4)
     assert (b_prefill, b_decode) == (6 / 3, 4 / 12)
     # Turn k starts at engine (1 + k) % 2; an engine with nothing left gives up its turn.
     assert order == ["b", "a", "a", "b", "b", "a", "a", "b", "b", "a", "a"]
