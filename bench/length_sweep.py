@@ -3,13 +3,13 @@
     python -m trident.bench.length_sweep [--model smollm2-135m-instruct] [--dtype float32]
         [--context 4000] [--continuation 256] [--passages 4] [--prefill-keeps 0.7,0.5,0.3]
         [--prefill-layer M] [--compare-pools 1,15] [--budgets 128,256,512] [--streams 8]
-        [--output-dir bench/results/length-float32]
+        [--max-num-batched-tokens 512] [--output-dir bench/results/length-float32]
 
 Per policy, next to dense:
 - prefill: time to first token of one --context-token prompt, in rounds that rotate which policy
   runs first; the ratio is the median of the per-round ratios;
 - decode: --streams sequences of --context tokens decoding side by side with dense's, one engine
-  step each in turn (tok/s ratio);
+  step each in turn, timed over steps in which all of them decode (tok/s ratio);
 - memory: KV blocks per decoding sequence, and how many --context sequences decode at once in a
   KV cache sized for two dense ones (16 offered);
 - quality, on held-out passages from the end of WikiText-2: perplexity of a --continuation-token
@@ -48,7 +48,8 @@ def make_llm(args, num_blocks: int | None = None, max_model_len: int | None = No
     """An engine without prefix caching (every run recomputes its prompts)."""
     return LLM(EngineConfig(model=args.model, dtype=args.dtype, plan=plan,
                             cache=CacheConfig(enable_prefix_caching=False, num_blocks=num_blocks),
-                            scheduler=SchedulerConfig(max_model_len=max_model_len or args.context + args.continuation + 64)))
+                            scheduler=SchedulerConfig(max_model_len=max_model_len or args.context + args.continuation + 64,
+                                                      max_num_batched_tokens=args.max_num_batched_tokens)))
 
 
 def pool_plan(llm: LLM, pool: int, folder: Path) -> str:
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-pools", default="",
                     help="prefill_pool values whose quality to measure too, each under a plan that sets it (comma-separated)")
     ap.add_argument("--budgets", default="128,256,512")
+    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=SchedulerConfig.max_num_batched_tokens,
+                    help="the engines' step size; prefill dropping scores each chunk of this many tokens by its own last queries")
     ap.add_argument("--streams", type=positive_int, default=8)
     ap.add_argument("--decode-tokens", type=positive_int, default=32)
     ap.add_argument("--rounds", type=positive_int, default=3)

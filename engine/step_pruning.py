@@ -41,6 +41,7 @@ class SeqStep:
     schedule: list[tuple[int, float]] = field(default_factory=list)   # prefill stages for these rows
     sinks: int = 0                   # positions below this always stay (prefill pruning)
     pool: int = 1                    # rows scored by the max mass of this many neighbours (prefill pruning)
+    recent_from: int | None = None   # positions from this one on always stay (prefill pruning)
     scores: bool = False             # accumulate key mass for a KV budget
     exits: dict[int, float] | None = None   # early exit of a decode row: exit layer -> probe threshold
 
@@ -142,7 +143,7 @@ class StepPruning:
                 num_keys = len(self.keys[s])
                 row_pos = torch.tensor([seq.positions[seq.num_old + r] for r in rows])
                 kept = select_rows(mass[self.meta_index[s], num_keys - len(rows):num_keys].cpu(), row_pos,
-                                   chunk_keep(stage, seq.num_new), seq.sinks, seq.pool).tolist()
+                                   chunk_keep(stage, seq.num_new), seq.sinks, seq.pool, seq.recent_from).tolist()
                 if len(kept) < len(rows):
                     depths = self.new_depths[s] or [self.full_depth] * seq.num_new
                     for r in set(rows) - {rows[i] for i in kept}:

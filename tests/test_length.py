@@ -18,8 +18,8 @@ PROMPT = ("Once upon a time there was a dragon who liked to read books in the li
           "fox jumps over the lazy dog. Write a short poem about the sea.")
 
 
-def make_llm(model, num_blocks=64, max_batched=512, block_size=4, prefix_caching=True):
-    return LLM(EngineConfig(model=str(model), dtype="float32",
+def make_llm(model, num_blocks=64, max_batched=512, block_size=4, prefix_caching=True, plan=None):
+    return LLM(EngineConfig(model=str(model), dtype="float32", plan=plan,
                             cache=CacheConfig(num_blocks=num_blocks, block_size=block_size,
                                               enable_prefix_caching=prefix_caching),
                             scheduler=SchedulerConfig(max_model_len=256, max_num_batched_tokens=max_batched)))
@@ -111,6 +111,27 @@ def test_pruned_outputs_equal_a_dense_reference_masking_the_same_keys(tiny_model
     if "kv_budget" in pruning:
         assert summary["kv_slots_evicted"] > 0
     assert summary["kv_bytes_saved"] > 0
+
+
+def test_a_budget_compresses_the_prompt_once_at_its_end_unless_the_plan_streams(tiny_model_dir, monkeypatch,
+                                                                                 tmp_path):
+    from trident.engine.pruning.plan import LengthPolicy, PruningPlan
+
+    llm = make_llm(tiny_model_dir, max_batched=16)
+    out, visible = run_recorded(llm, monkeypatch, greedy(6, kv_budget=10))
+    prompt_len = len(out.prompt_token_ids)
+    assert prompt_len > 32                               # three chunks or more
+    # Every prompt query saw its whole causal prefix; decode queries at most the budget and themselves.
+    assert all(keys == set(range(pos + 1)) for (_, pos), keys in visible.seen.items() if pos < prompt_len)
+    assert all(len(keys) <= 11 for (_, pos), keys in visible.seen.items() if pos >= prompt_len)
+    assert out.pruning["length"]["kv_slots_evicted"] > 0
+    # A plan that evicts between chunks: later chunks see only the budget kept from earlier ones.
+    plan = PruningPlan.dense(llm.engine.model_config)
+    plan.name, plan.length = "streaming", LengthPolicy(evict_during_prefill=True)
+    plan.save(tmp_path / "streaming.json")
+    streaming = make_llm(tiny_model_dir, max_batched=16, plan=str(tmp_path / "streaming.json"))
+    _, visible = run_recorded(streaming, monkeypatch, greedy(6, kv_budget=10))
+    assert any(len(keys) < pos + 1 for (_, pos), keys in visible.seen.items() if 16 <= pos < prompt_len)
 
 
 def test_keep_everything_equals_dense_bit_for_bit(tiny_model_dir):
@@ -223,6 +244,8 @@ def test_selection_rules():
     positions = torch.arange(10, 17)
     # keep 3: the two heaviest plus the last row, which always stays
     assert select_rows(mass, positions, 3, sinks=0).tolist() == [1, 3, 6]
+    # positions from `recent_from` on stay too, within the same count
+    assert select_rows(mass, positions, 3, sinks=0, recent_from=15).tolist() == [1, 5, 6]
     # positions below `sinks` stay too, even when that keeps more than asked
     assert select_rows(mass, torch.arange(7), 2, sinks=2).tolist() == [0, 1, 6]
     # max-pooled over 3 neighbours, the rows around the heaviest one (1) score as it does and
@@ -234,5 +257,8 @@ def test_selection_rules():
     # 7 keys, budget 5: key 0 (sink), keys 5-6 (recent), and the two heaviest of 1-4 (1 and 3) stay
     assert select_evictions(mass, policy).tolist() == [2, 4]
     assert select_evictions(mass[:5], policy).tolist() == []                 # within budget
+    # pooled over 3 neighbouring keys, the heavy hitters are 1 and 2 (next to the heaviest), not 1 and 3
+    pooled_policy = LengthPolicy(decode_sinks=1, decode_recent=2, decode_heavy=2, kv_pool=3)
+    assert select_evictions(torch.tensor([0.0, 5.0, 0.1, 4.0, 0.0, 0.0, 0.3]), pooled_policy).tolist() == [3, 4]
     split = budget_policy(256, LengthPolicy())
     assert (split.decode_sinks, split.decode_recent, split.decode_heavy) == (4, 126, 126)

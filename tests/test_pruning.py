@@ -37,7 +37,8 @@ def test_plan_json_round_trip(tmp_path, tiny_model_dir):
     config = load_checkpoint(str(tiny_model_dir)).config
     plan = tiny_plan(config)
     plan.layers[2].exit = ExitPoint(threshold=0.9, probe_weight=[0.0] * config.hidden_size)
-    plan.length = LengthPolicy(prefill_keep=[(2, 0.5)], decode_sinks=4, decode_recent=64, decode_heavy=32)
+    plan.length = LengthPolicy(prefill_keep=[(2, 0.5)], decode_sinks=4, decode_recent=64, decode_heavy=32,
+                               kv_pool=7, evict_during_prefill=True)
     plan.save(tmp_path / "p.json")
     loaded = PruningPlan.load(tmp_path / "p.json")
     assert loaded == plan
@@ -97,6 +98,8 @@ def test_bad_plan_files(tmp_path):
     (lambda d: d.__setitem__("length", {"decode_sinks": -5}), "'decode_sinks' must be a token count >= 0"),
     (lambda d: d.__setitem__("length", {"prefill_keep": [[1]]}), "list of \\[layer, fraction\\] pairs"),
     (lambda d: d.__setitem__("length", {"prefill_keep": [["a", 0.5]]}), "list of \\[layer, fraction\\] pairs"),
+    (lambda d: d.__setitem__("length", {"kv_pool": 1.5}), "'kv_pool' must be a token count >= 0"),
+    (lambda d: d.__setitem__("length", {"evict_during_prefill": 1}), "'evict_during_prefill' must be true or false"),
 ])
 def test_malformed_plan_fields_are_named(edit, message, tiny_model_dir):
     data = json.loads(PruningPlan.dense(load_checkpoint(str(tiny_model_dir)).config).to_json())

@@ -13,11 +13,15 @@ decisions stand. The last row (it samples) and the first `prefill_sinks` positio
 Rows are ranked by the mass max-pooled over `prefill_pool` neighbouring rows, which keeps spans
 instead of isolated tokens (bench/results/length-prefill-float32/ measures it against no pooling).
 
-Decode (H2O + StreamingLLM): after every step a sequence with a budget keeps its first
-`decode_sinks` keys, its last `decode_recent` keys and the `decode_heavy` keys of highest
-accumulated mass among the rest; the others are evicted in every layer (one kept set for all
-layers). The first step over budget is the end of a prefill chunk: evicting then is SnapKV's
-one-shot compression of the prompt, scored by the chunk's last `window` queries. A per-layer or
+Decode (SnapKV, then H2O + StreamingLLM): a sequence with a budget prefills its whole prompt,
+every chunk attending to every earlier prompt key; the step that finishes the prompt compresses
+it once (SnapKV), scored by the prompt's last `window` queries. From then on, after every step it
+keeps its first `decode_sinks` keys, its last `decode_recent` keys and the `decode_heavy` keys of
+highest mass accumulated over the decode steps (H2O) among the rest, max-pooled over `kv_pool`
+neighbouring keys; the others are evicted in every layer (one kept set for all layers). Chunks
+before the last are not scored. A plan with `evict_during_prefill` evicts after every chunk
+instead (scored by each chunk's last queries), which bounds a long prompt's blocks while it
+prefills, at a quality cost: later chunks see only the budget of the earlier ones. A per-layer or
 per-KV-head budget (PyramidKV, Ada-KV) would need a kept-slot list per layer (or head) in the
 sequence and one metadata per layer; this contract keeps one list and per-key depths.
 """
@@ -97,12 +101,16 @@ def resolve_request(request: RequestPruning | None, served: LengthPolicy, served
     return policy
 
 
-def select_rows(mass: torch.Tensor, positions: torch.Tensor, keep: int, sinks: int, pool: int = 1) -> torch.Tensor:
-    """Indices (increasing) of the `keep` rows of highest mass among `positions` [n]; the last row
-    and positions < sinks are always among them (so more than `keep` may stay). With an odd
+def select_rows(mass: torch.Tensor, positions: torch.Tensor, keep: int, sinks: int, pool: int = 1,
+                recent_from: int | None = None) -> torch.Tensor:
+    """Indices (increasing) of the `keep` rows of highest mass among `positions` [n]; the last row,
+    positions < sinks and positions >= recent_from are always among them (so more than `keep`
+    may stay). With an odd
     `pool` > 1, a row's score is the largest mass among the `pool` rows centred on it (SnapKV's
     clustering), so the rows around a heavy one stay with it and a kept fact keeps its context."""
     forced = positions < sinks
+    if recent_from is not None:
+        forced |= positions >= recent_from
     forced[-1] = True
     keep = min(len(positions), max(keep, int(forced.sum())))
     score = mass.float()
@@ -119,7 +127,10 @@ def select_evictions(mass: torch.Tensor, policy: LengthPolicy) -> torch.Tensor:
     if not policy.kv_budget or num_keys <= policy.kv_budget:
         return torch.zeros(0, dtype=torch.long)
     middle = torch.arange(policy.decode_sinks, num_keys - policy.decode_recent)
-    heavy = mass[middle].float().topk(policy.decode_heavy, sorted=False).indices if policy.decode_heavy else middle[:0]
+    score = mass.float()
+    if policy.kv_pool > 1:
+        score = F.max_pool1d(score[None, None], policy.kv_pool, stride=1, padding=policy.kv_pool // 2)[0, 0]
+    heavy = score[middle].topk(policy.decode_heavy, sorted=False).indices if policy.decode_heavy else middle[:0]
     evict = torch.ones(len(middle), dtype=torch.bool)
     evict[heavy] = False
     return middle[evict]

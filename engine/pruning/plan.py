@@ -69,6 +69,9 @@ class LengthPolicy:
     window: int = 32                               # last queries of a chunk whose attention mass scores keys
     prefill_sinks: int = 4                         # first prompt tokens prefill dropping always keeps
     prefill_pool: int = 31                         # odd; rows scored by the max mass among this many neighbours
+    prefill_recent: int = 0                        # last prompt tokens prefill dropping always keeps
+    kv_pool: int = 1                               # odd; heavy hitters scored the same way among neighbouring keys
+    evict_during_prefill: bool = False             # a budget also evicts between prompt chunks (else once, at its end)
 
     @property
     def kv_budget(self) -> int:
@@ -250,8 +253,9 @@ def check_length_policy(policy: LengthPolicy, num_layers: int, kept_layers: list
         raise ValueError("a KV budget needs decode_recent >= 1: the newest token is always kept")
     if policy.window < 1 or policy.prefill_sinks < 0:
         raise ValueError(f"window must be >= 1 and prefill_sinks >= 0, got {policy.window}, {policy.prefill_sinks}")
-    if policy.prefill_pool < 1 or policy.prefill_pool % 2 == 0:
-        raise ValueError(f"prefill_pool must be an odd count >= 1, got {policy.prefill_pool}")
+    for name in ("prefill_pool", "kv_pool"):
+        if getattr(policy, name) < 1 or getattr(policy, name) % 2 == 0:
+            raise ValueError(f"{name} must be an odd count >= 1, got {getattr(policy, name)}")
 
 
 def _check_indices(indices: list[int] | None, limit: int, what: str) -> None:
@@ -320,7 +324,8 @@ def _length_from_json(raw) -> LengthPolicy:
     if unknown:
         raise PlanError(f"length policy: unknown field {unknown[0]!r}")
     budget = {}
-    for name in ("decode_sinks", "decode_recent", "decode_heavy", "window", "prefill_sinks", "prefill_pool"):
+    for name in ("decode_sinks", "decode_recent", "decode_heavy", "window", "prefill_sinks", "prefill_pool", "prefill_recent",
+                 "kv_pool"):
         value = raw.get(name, LengthPolicy.__dataclass_fields__[name].default)
         if not _is_int(value) or value < 0:
             raise PlanError(f"length policy: {name!r} must be a token count >= 0, got {value!r}")
@@ -329,4 +334,7 @@ def _length_from_json(raw) -> LengthPolicy:
     if not isinstance(schedule, list) or not all(
             isinstance(x, list) and len(x) == 2 and _is_int(x[0]) and _is_number(x[1]) for x in schedule):
         raise PlanError(f"length policy: 'prefill_keep' must be a list of [layer, fraction] pairs, got {schedule!r}")
-    return LengthPolicy(prefill_keep=[tuple(x) for x in schedule], **budget)
+    streaming = raw.get("evict_during_prefill", False)
+    if type(streaming) is not bool:
+        raise PlanError(f"length policy: 'evict_during_prefill' must be true or false, got {streaming!r}")
+    return LengthPolicy(prefill_keep=[tuple(x) for x in schedule], evict_during_prefill=streaming, **budget)
