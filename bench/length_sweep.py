@@ -3,7 +3,7 @@
     python -m trident.bench.length_sweep [--model smollm2-135m-instruct] [--dtype float32]
         [--context 4000] [--continuation 256] [--passages 4] [--prefill-keeps 0.7,0.5,0.3]
         [--prefill-layer M] [--compare-pools 1,15] [--budgets 128,256,512] [--streams 8]
-        [--max-num-batched-tokens 512] [--output-dir bench/results/length-float32]
+        [--prefill-recent 256] [--max-num-batched-tokens 512] [--recent-only 256,1024] [--output-dir bench/results/length-float32]
 
 Per policy, next to dense:
 - prefill: time to first token of one --context-token prompt, in rounds that rotate which policy
@@ -14,10 +14,13 @@ Per policy, next to dense:
   KV cache sized for two dense ones (16 offered);
 - quality, on held-out passages from the end of WikiText-2: perplexity of a --continuation-token
   continuation teacher-forced after the (pruned) context, teacher-forced token agreement with
-  dense (argmax equal given the same prefix), and greedy agreement of 32 free-running tokens.
+  dense (argmax equal given the same prefix), and greedy agreement of 32 free-running tokens;
+  --recent-only adds the quality of dense on only the last N context tokens, the reference a
+  budget of N keys would have to beat.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -52,12 +55,13 @@ def make_llm(args, num_blocks: int | None = None, max_model_len: int | None = No
                                                       max_num_batched_tokens=args.max_num_batched_tokens)))
 
 
-def pool_plan(llm: LLM, pool: int, folder: Path) -> str:
+def length_plan(llm: LLM, folder: Path, **fields) -> str:
     """A plan file, written into `folder`, for `llm`'s model that prunes nothing statically and
-    scores prefill rows over `pool` neighbours (LengthPolicy.prefill_pool)."""
+    sets the length policy's `fields` (e.g. prefill_pool, prefill_recent)."""
     plan = PruningPlan.dense(llm.engine.model_config)
-    plan.name, plan.length = f"pool-{pool}", LengthPolicy(prefill_pool=pool)
-    path = folder / f"plan-pool-{pool}.json"
+    plan.name = "length-" + "-".join(f"{k}-{v}" for k, v in fields.items())
+    plan.length = LengthPolicy(**fields)
+    path = folder / f"plan-{plan.name}.json"
     plan.save(path)
     return str(path)
 
@@ -215,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passages", type=positive_int, default=4)
     ap.add_argument("--prefill-keeps", default="0.7,0.5,0.3")
     ap.add_argument("--prefill-layer", type=int, help="layer the keeps prune after (default: the server's default)")
+    ap.add_argument("--prefill-recent", type=int, default=LengthPolicy().prefill_recent,
+                    help="last prompt tokens prefill dropping always keeps (the served plan's prefill_recent)")
     ap.add_argument("--compare-pools", default="",
                     help="prefill_pool values whose quality to measure too, each under a plan that sets it (comma-separated)")
     ap.add_argument("--budgets", default="128,256,512")
+    ap.add_argument("--recent-only", default="",
+                    help="context lengths N for reference rows: dense on only the last N context tokens, what N "
+                         "contiguous recent keys give (comma-separated)")
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=SchedulerConfig.max_num_batched_tokens,
                     help="the engines' step size; prefill dropping scores each chunk of this many tokens by its own last queries")
     ap.add_argument("--streams", type=positive_int, default=8)
@@ -234,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     llm = make_llm(args)
+    folder = Path(tempfile.mkdtemp())
+    if args.prefill_recent:
+        llm = make_llm(args, plan=length_plan(llm, folder, prefill_recent=args.prefill_recent))
     num_layers = llm.engine.model_config.num_layers
     layer = default_prefill_layer(num_layers) if args.prefill_layer is None else args.prefill_layer
     pools = [int(p) for p in args.compare_pools.split(",") if p]
@@ -254,8 +266,17 @@ def main(argv: list[str] | None = None) -> int:
                          "perplexity": q["perplexity"], "perplexity_ratio": q["perplexity"] / dense_quality["perplexity"],
                          "token_agreement": q["token_agreement"], "greedy_agreement": q["greedy_agreement"]})
             print(f"  {label}: {rows[-1]}", file=sys.stderr)
+    for n in (int(x) for x in args.recent_only.split(",") if x):
+        if not 0 < n < args.context:
+            raise SystemExit(f"error: --recent-only {n} must be between 0 and --context {args.context}")
+        q = quality(llm, [p[args.context - n:] for p in passages], argparse.Namespace(**{**vars(args), "context": n}),
+                    None, dense_quality)
+        rows.append({"policy": f"dense on the last {n} tokens", "kind": "reference", "perplexity": q["perplexity"],
+                     "perplexity_ratio": q["perplexity"] / dense_quality["perplexity"],
+                     "token_agreement": q["token_agreement"], "greedy_agreement": q["greedy_agreement"]})
+        print(f"  {rows[-1]['policy']}: {rows[-1]}", file=sys.stderr)
     for pool in pools:
-        pooled = make_llm(args, plan=pool_plan(llm, pool, Path(tempfile.mkdtemp())))
+        pooled = make_llm(args, plan=length_plan(llm, folder, prefill_pool=pool, prefill_recent=args.prefill_recent))
         for label, pruning in prefill_policies:
             label = label.removesuffix(suffix)
             q = quality(pooled, passages, args, pruning, dense_quality)

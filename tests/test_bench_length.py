@@ -33,9 +33,10 @@ def test_the_sweep_writes_every_figure(tiny_model_dir, tmp_path):
     assert length_sweep.main(["--model", str(tiny_model_dir), "--context", "120", "--continuation", "16",
                               "--passages", "2", "--prefill-keeps", "0.5", "--budgets", "16", "--streams", "2",
                               "--decode-tokens", "3", "--rounds", "1", "--admission-tokens", "40",
-                              "--output-dir", str(out)]) == 0
+                              "--recent-only", "40", "--prefill-recent", "8", "--output-dir", str(out)]) == 0
     rows = {r["policy"]: r for r in json.loads((out / "length_sweep.json").read_text())["rows"]}
-    assert set(rows) == {"dense", "keep 0.5 after layer 0", "kv budget 16"}
+    assert set(rows) == {"dense", "keep 0.5 after layer 0", "kv budget 16", "dense on the last 40 tokens"}
+    assert rows["dense on the last 40 tokens"]["perplexity"] > 0
     budget = rows["kv budget 16"]
     assert budget["decode_tok_s"] > 0 and budget["admitted"] >= rows["dense"]["admitted"] >= 2
     assert budget["blocks_per_seq"] < rows["dense"]["blocks_per_seq"]

@@ -134,6 +134,24 @@ def test_a_budget_compresses_the_prompt_once_at_its_end_unless_the_plan_streams(
     assert any(len(keys) < pos + 1 for (_, pos), keys in visible.seen.items() if 16 <= pos < prompt_len)
 
 
+def test_prefill_dropping_keeps_the_plans_recent_prompt_tokens(tiny_model_dir, monkeypatch, tmp_path):
+    from trident.engine.pruning.plan import LengthPolicy, PruningPlan
+
+    llm = make_llm(tiny_model_dir, max_batched=16)
+    plan = PruningPlan.dense(llm.engine.model_config)
+    plan.name, plan.length = "recent", LengthPolicy(prefill_recent=12)
+    plan.save(tmp_path / "recent.json")
+    llm = make_llm(tiny_model_dir, max_batched=16, plan=str(tmp_path / "recent.json"))
+    out, visible = run_recorded(llm, monkeypatch, greedy(3, prefill_keep=[[1, 0.3]]))
+    n = len(out.prompt_token_ids)
+    # Below layer 2 the first decode query sees the whole prompt; deeper, a prompt missing its
+    # dropped rows, never one of the last 12 (without the plan's prefill_recent some of them go).
+    assert visible.seen[0, n] == set(range(n + 1))
+    deeper = visible.seen[2, n]
+    assert set(range(n - 12, n + 1)) <= deeper and len(deeper) < n
+    assert out.pruning["length"]["prompt_tokens_dropped"] > 0
+
+
 def test_keep_everything_equals_dense_bit_for_bit(tiny_model_dir):
     llm = make_llm(tiny_model_dir)
     dense = llm.generate([PROMPT], greedy(12))[0]
