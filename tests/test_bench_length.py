@@ -6,7 +6,6 @@ import json
 from trident.bench import length_sweep
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
-from trident.engine.pruning.length import RequestPruning
 from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.sampler import sample
 from trident.engine.sampling_params import SamplingParams
