@@ -9,7 +9,9 @@ Prefill (LazyLLM / SnapKV style), per chunk: after layer m of the schedule, a se
 this step keep ceil(fraction * rows of the chunk); the rest leave the batch, write no K/V in deeper
 layers, and are never attended there. Each chunk of a chunked prefill decides for its own rows
 with its own last queries, so the saving does not depend on the chunk size; earlier chunks'
-decisions stand. The last row (it samples) and the first `prefill_sinks` positions always stay.
+decisions stand. A step that holds the whole prompt scores it with the prompt's own last queries,
+which keeps quality best (bench/results/length-float32/). The last row (it samples), the first
+`prefill_sinks` positions and the prompt's last `prefill_recent` positions always stay.
 Rows are ranked by the mass max-pooled over `prefill_pool` neighbouring rows, which keeps spans
 instead of isolated tokens (bench/results/length-prefill-float32/ measures it against no pooling).
 
