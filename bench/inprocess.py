@@ -77,28 +77,35 @@ def lockstep_speed(llms: list[LLM], prompts: list[list[list[int]]], decode_token
     prefill_s, decode_s = [0.0] * n, [0.0] * n
     emitted_before: list[int | None] = [None] * n     # tokens out when the prefill phase ended
     decode_steps = [0] * n
+    preemptions = [llm.engine.scheduler.num_preemptions for llm in llms]
     turn = first
-    while any(steps < decode_tokens for steps in decode_steps):
-        for i in [(turn + k) % n for k in range(n)]:
-            if decode_steps[i] >= decode_tokens:
-                continue
-            start = time.perf_counter()
-            llms[i].engine.step()
-            elapsed = time.perf_counter() - start
-            if any(seq.is_finished for seq in seqs[i]):
-                raise ValueError(f"a sequence of engine {i} finished before its {decode_tokens} decode steps "
-                                 f"were timed: raise its max_model_len")
-            if emitted_before[i] is not None:
-                decode_s[i] += elapsed
-                decode_steps[i] += 1
-            else:
-                prefill_s[i] += elapsed
-                if all(seq.num_output_tokens > 0 for seq in seqs[i]):
-                    emitted_before[i] = sum(seq.num_output_tokens for seq in seqs[i])
-        turn += 1
-    for llm in llms:
-        for request_id in list(llm.engine.requests):
-            llm.engine.abort_request(request_id)
+    try:
+        while any(steps < decode_tokens for steps in decode_steps):
+            for i in [(turn + k) % n for k in range(n)]:
+                if decode_steps[i] >= decode_tokens:
+                    continue
+                start = time.perf_counter()
+                llms[i].engine.step()
+                elapsed = time.perf_counter() - start
+                if any(seq.is_finished for seq in seqs[i]):
+                    raise ValueError(f"a sequence of engine {i} finished before its {decode_tokens} decode steps "
+                                     f"were timed: raise its max_model_len")
+                if emitted_before[i] is not None:
+                    if llms[i].engine.scheduler.num_preemptions != preemptions[i]:
+                        raise ValueError(f"engine {i} preempted a sequence while its decode was timed: "
+                                         f"give it more KV blocks")
+                    decode_s[i] += elapsed
+                    decode_steps[i] += 1
+                else:
+                    prefill_s[i] += elapsed
+                    if all(seq.num_output_tokens > 0 for seq in seqs[i]):
+                        emitted_before[i] = sum(seq.num_output_tokens for seq in seqs[i])
+                        preemptions[i] = llms[i].engine.scheduler.num_preemptions
+            turn += 1
+    finally:
+        for llm in llms:
+            for request_id in list(llm.engine.requests):
+                llm.engine.abort_request(request_id)
     return [(sum(map(len, batch)) / prefill_s[i],
              (sum(seq.num_output_tokens for seq in seqs[i]) - emitted_before[i]) / decode_s[i])
             for i, batch in enumerate(prompts)]

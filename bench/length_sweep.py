@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode tokens of each offered sequence in the admission run")
     ap.add_argument("--output-dir", type=Path, default=Path("bench/results/length-float32"))
     args = ap.parse_args(argv)
+    if args.prefill_recent < 0:
+        ap.error("--prefill-recent must be >= 0")
     keeps = [float(f) for f in args.prefill_keeps.split(",") if f]
     budgets = [int(b) for b in args.budgets.split(",") if b]
     for name in ("length_sweep.json", "length_sweep.md", "length_sweep.png"):
@@ -298,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     del llm
 
     print("decode, side by side ...", file=sys.stderr)
-    engines = [make_llm(args, num_blocks=args.streams * -(-(args.context + args.decode_tokens + 2) // 16) + 16)
+    # Early streams decode while later ones prefill: room for a token per step of the others' prefill.
+    longest = args.context + args.decode_tokens + 2 + args.streams * -(-args.context // args.max_num_batched_tokens)
+    engines = [make_llm(args, num_blocks=args.streams * -(-longest // CacheConfig.block_size) + 16)
                for _ in range(1 + len(decode_policies))]
     speeds = lockstep_speed(engines, [stream_prompts] * len(engines), args.decode_tokens,
                             pruning=[None] + [p for _, p in decode_policies], warm_up=False)

@@ -292,7 +292,7 @@ class ModelRunner:
                                  schedule=list(policy.prefill_keep) if prefill else [],
                                  sinks=policy.prefill_sinks, pool=policy.prefill_pool,
                                  recent_from=s.seq.num_tokens - policy.prefill_recent if policy.prefill_recent else None,
-                                 scores=policy.kv_budget > 0 and (s.sample or policy.evict_during_prefill),
+                                 scores=policy.kv_budget > 0 and s.seq.max_tokens > 0 and (s.sample or policy.evict_during_prefill),
                                  exits=seq_exits))
         window = max((s.seq.length.window for s in sched.scheduled if s.seq.prunes_length), default=1)
         return StepPruning(steps, self.present_layers, self.num_layers, window, self.device,

@@ -73,7 +73,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             while not bm.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -99,7 +99,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]          # waiting sequences hold no blocks
             seq.num_computed_tokens = bm.match_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             if not bm.allocate(seq, n):
                 # Give back the matched prefix blocks: a waiting sequence must not pin cache space.
                 bm.free_sequence(seq)
@@ -110,6 +110,20 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, n, self._samples(seq, n), bm.take_slots(seq, n)))
             budget -= n
         return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of seq to feed this step: what is left of it, up to `budget`. A KV budget that
+        compresses the prompt at its end scores it by the last step's last `window` queries, so a
+        chunk that would leave a shorter last step leaves min(window, step size) tokens instead
+        (unless this step's leftover budget is what runs short)."""
+        left = seq.num_tokens - seq.num_computed_tokens
+        n = min(left, budget)
+        policy = seq.length
+        if policy.kv_budget and not policy.evict_during_prefill:
+            last = min(policy.window, self.config.max_num_batched_tokens)
+            if 0 < left - n < last < left:
+                n = left - last
+        return n
 
     @staticmethod
     def _samples(seq: Sequence, n: int) -> bool:

@@ -231,7 +231,7 @@ def test_lockstep_speed_steps_the_engines_in_turns_and_times_each_ones_own_steps
     # 3 tokens each. "b": one prefill step, then 4 decode steps of one token each.
     assert (a_prefill, a_decode) == (30 / 2, 12 / 4)
     assert (b_prefill, b_decode) == (6 / 3, 4 / 12)
-    # Turn k starts at engine (1 + k) % 2; an engine with nothing left gives up its turn.
+    # Turn k starts at engine (1 + k) % 2; an engine done with its timed steps gives up its turn.
     assert order == ["b", "a", "a", "b", "b", "a", "a", "b", "b", "a", "a"]
     assert not any(llm.engine.has_unfinished_requests() for llm in llms)
     with pytest.raises(ValueError, match="prefix caching"):

@@ -134,6 +134,27 @@ def test_a_budget_compresses_the_prompt_once_at_its_end_unless_the_plan_streams(
     assert any(len(keys) < pos + 1 for (_, pos), keys in visible.seen.items() if 16 <= pos < prompt_len)
 
 
+@pytest.mark.parametrize("pruning, last_chunk", [({}, 2), ({"kv_budget": 10}, 16)])
+def test_a_budgets_last_prompt_chunk_holds_a_scoring_window(tiny_model_dir, monkeypatch, pruning, last_chunk):
+    # The prompt compresses once, scored by its last step's last `window` (32) queries: with
+    # 16-token steps, a prompt 2 tokens past a step boundary ends in a full step, not 2 tokens.
+    llm = make_llm(tiny_model_dir, max_batched=16)
+    engine = llm.engine
+    prompt = engine.tokenizer.encode(PROMPT)
+    prompt = prompt[:16 * (len(prompt) // 16 - 1) + 2]
+    chunks, execute = [], engine.runner.execute
+
+    def recording(sched):
+        chunks.extend(s.num_new_tokens for s in sched.scheduled)
+        return execute(sched)
+
+    monkeypatch.setattr(engine.runner, "execute", recording)
+    out = llm.generate([prompt], greedy(3, **pruning))[0]
+    prefill = chunks[:-2]                                   # two decode steps follow the prompt
+    assert sum(prefill) == len(prompt) and prefill[-1] == last_chunk and chunks[-2:] == [1, 1]
+    assert len(out.outputs[0].token_ids) == 3
+
+
 def test_prefill_dropping_keeps_the_plans_recent_prompt_tokens(tiny_model_dir, monkeypatch, tmp_path):
     from trident.engine.pruning.plan import LengthPolicy, PruningPlan
 

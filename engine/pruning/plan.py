@@ -69,7 +69,7 @@ class LengthPolicy:
     window: int = 32                               # last queries of a chunk whose attention mass scores keys
     prefill_sinks: int = 4                         # first prompt tokens prefill dropping always keeps
     prefill_pool: int = 31                         # odd; rows scored by the max mass among this many neighbours
-    prefill_recent: int = 0                        # last prompt tokens prefill dropping always keeps
+    prefill_recent: int = 0                        # last known tokens (the prompt's, or prompt + output in a recompute) prefill dropping always keeps
     kv_pool: int = 1                               # odd; heavy hitters scored the same way among neighbouring keys
     evict_during_prefill: bool = False             # a budget also evicts between prompt chunks (else once, at its end)
 
