@@ -103,6 +103,15 @@ def resolve_request(request: RequestPruning | None, served: LengthPolicy, served
     return policy
 
 
+def pooled(mass: torch.Tensor, pool: int) -> torch.Tensor:
+    """float32 scores [n] of `mass` [n] in position order: each entry's largest mass among the odd
+    `pool` entries centred on it (itself when pool is 1)."""
+    score = mass.float()
+    if pool > 1:
+        score = F.max_pool1d(score[None, None], pool, stride=1, padding=pool // 2)[0, 0]
+    return score
+
+
 def select_rows(mass: torch.Tensor, positions: torch.Tensor, keep: int, sinks: int, pool: int = 1,
                 recent_from: int | None = None) -> torch.Tensor:
     """Indices (increasing) of the `keep` rows of highest mass among `positions` [n]; the last row,
@@ -115,10 +124,7 @@ def select_rows(mass: torch.Tensor, positions: torch.Tensor, keep: int, sinks: i
         forced |= positions >= recent_from
     forced[-1] = True
     keep = min(len(positions), max(keep, int(forced.sum())))
-    score = mass.float()
-    if pool > 1:
-        score = F.max_pool1d(score[None, None], pool, stride=1, padding=pool // 2)[0, 0]
-    score = score.masked_fill(forced, math.inf)
+    score = pooled(mass, pool).masked_fill(forced, math.inf)
     return score.topk(keep, sorted=False).indices.sort().values
 
 
@@ -129,10 +135,8 @@ def select_evictions(mass: torch.Tensor, policy: LengthPolicy) -> torch.Tensor:
     if not policy.kv_budget or num_keys <= policy.kv_budget:
         return torch.zeros(0, dtype=torch.long)
     middle = torch.arange(policy.decode_sinks, num_keys - policy.decode_recent)
-    score = mass.float()
-    if policy.kv_pool > 1:
-        score = F.max_pool1d(score[None, None], policy.kv_pool, stride=1, padding=policy.kv_pool // 2)[0, 0]
-    heavy = score[middle].topk(policy.decode_heavy, sorted=False).indices if policy.decode_heavy else middle[:0]
+    score = pooled(mass, policy.kv_pool)[middle]
+    heavy = score.topk(policy.decode_heavy, sorted=False).indices if policy.decode_heavy else middle[:0]
     evict = torch.ones(len(middle), dtype=torch.bool)
     evict[heavy] = False
     return middle[evict]
