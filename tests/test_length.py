@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import trident.engine.model as model_module
+from trident.bench.length_sweep import length_plan
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.pruning.length import RequestPruning
@@ -115,8 +116,6 @@ def test_pruned_outputs_equal_a_dense_reference_masking_the_same_keys(tiny_model
 
 def test_a_budget_compresses_the_prompt_once_at_its_end_unless_the_plan_streams(tiny_model_dir, monkeypatch,
                                                                                  tmp_path):
-    from trident.engine.pruning.plan import LengthPolicy, PruningPlan
-
     llm = make_llm(tiny_model_dir, max_batched=16)
     out, visible = run_recorded(llm, monkeypatch, greedy(6, kv_budget=10))
     prompt_len = len(out.prompt_token_ids)
@@ -126,10 +125,7 @@ def test_a_budget_compresses_the_prompt_once_at_its_end_unless_the_plan_streams(
     assert all(len(keys) <= 11 for (_, pos), keys in visible.seen.items() if pos >= prompt_len)
     assert out.pruning["length"]["kv_slots_evicted"] > 0
     # A plan that evicts between chunks: later chunks see only the budget kept from earlier ones.
-    plan = PruningPlan.dense(llm.engine.model_config)
-    plan.name, plan.length = "streaming", LengthPolicy(evict_during_prefill=True)
-    plan.save(tmp_path / "streaming.json")
-    streaming = make_llm(tiny_model_dir, max_batched=16, plan=str(tmp_path / "streaming.json"))
+    streaming = make_llm(tiny_model_dir, max_batched=16, plan=length_plan(llm, tmp_path, evict_during_prefill=True))
     _, visible = run_recorded(streaming, monkeypatch, greedy(6, kv_budget=10))
     assert any(len(keys) < pos + 1 for (_, pos), keys in visible.seen.items() if 16 <= pos < prompt_len)
 
@@ -156,13 +152,8 @@ def test_a_budgets_last_prompt_chunk_holds_a_scoring_window(tiny_model_dir, monk
 
 
 def test_prefill_dropping_keeps_the_plans_recent_prompt_tokens(tiny_model_dir, monkeypatch, tmp_path):
-    from trident.engine.pruning.plan import LengthPolicy, PruningPlan
-
     llm = make_llm(tiny_model_dir, max_batched=16)
-    plan = PruningPlan.dense(llm.engine.model_config)
-    plan.name, plan.length = "recent", LengthPolicy(prefill_recent=12)
-    plan.save(tmp_path / "recent.json")
-    llm = make_llm(tiny_model_dir, max_batched=16, plan=str(tmp_path / "recent.json"))
+    llm = make_llm(tiny_model_dir, max_batched=16, plan=length_plan(llm, tmp_path, prefill_recent=12))
     out, visible = run_recorded(llm, monkeypatch, greedy(3, prefill_keep=[[1, 0.3]]))
     n = len(out.prompt_token_ids)
     # Below layer 2 the first decode query sees the whole prompt; deeper, a prompt missing its
