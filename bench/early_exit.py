@@ -4,7 +4,7 @@
         [--exit-layers 14,18,21,25] [--thresholds 0.95,0.9,0.8,0.7,0.5] [--passages 8]
         [--context 64] [--tokens 128] [--output-dir bench/results/early-exit-float32]
 
-Exit probes are fitted on the start of WikiText-2 (engine.pruning.exits, the recipe `trident
+Exit probes are fitted on the start of WikiText-2 (engine.calibration.exits, the recipe `trident
 calibrate` runs) and the plan's thresholds picked for --agreement on the windows after. Quality
 and speed are measured on --passages passages from the held-out end of the file, decoded
 teacher-forced: after a --context-token prompt, each of --tokens decode steps runs through the
@@ -34,8 +34,8 @@ from trident.bench.machine import machine_info
 from trident.bench.report import markdown, save_figure
 from trident.engine.config import EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
-from trident.engine.pruning.calibrate import split_windows
-from trident.engine.pruning.exits import DEFAULT_AGREEMENT, calibrate_exits, default_exit_layers, exit_plan
+from trident.engine.calibration.evaluate import split_windows
+from trident.engine.calibration.exits import DEFAULT_AGREEMENT, calibrate_exits, default_exit_layers, exit_plan
 from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from trident.bench.datasets import default_data_dir
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
-from trident.engine.pruning.calibrate import token_windows
+from trident.engine.calibration.evaluate import token_windows
 from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
 

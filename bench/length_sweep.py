@@ -21,7 +21,6 @@ Per policy, next to dense:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -38,7 +37,7 @@ from trident.bench.machine import machine_info
 from trident.bench.report import markdown, save_figure
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
-from trident.engine.pruning.calibrate import token_windows
+from trident.engine.calibration.evaluate import forced_continuation, token_windows
 from trident.engine.pruning.length import RequestPruning, default_prefill_layer
 from trident.engine.pruning.plan import LengthPolicy, PruningPlan
 from trident.engine.sampling_params import SamplingParams
@@ -64,42 +63,6 @@ def length_plan(llm: LLM, folder: Path, **fields) -> str:
     path = folder / f"plan-{plan.name}.json"
     plan.save(path)
     return str(path)
-
-
-@contextlib.contextmanager
-def teacher_forcing(llm: LLM, targets: dict[str, list[int]], record: dict[str, list[tuple[float, int]]]):
-    """While active, the engine's sampler emits each request's next target token instead of
-    sampling, and records (logprob of that target, argmax) per position."""
-    def forced(logits: torch.Tensor, seqs):
-        logprobs = logits.float().log_softmax(-1)
-        tokens = []
-        for row, seq in zip(logprobs, seqs):
-            target = targets[seq.request_id][seq.num_output_tokens]
-            record[seq.request_id].append((float(row[target]), int(row.argmax())))
-            tokens.append(target)
-        return tokens, [None] * len(seqs)
-
-    runner = llm.engine.runner
-    original, runner.sampler = runner.sampler, forced
-    try:
-        yield
-    finally:
-        runner.sampler = original
-
-
-def forced_continuation(llm: LLM, passages: list[list[int]], context: int, pruning) -> list[list[tuple[float, int]]]:
-    """Per passage, (logprob, argmax) at each continuation position, teacher-forced."""
-    engine = llm.engine
-    targets, record = {}, {}
-    for i, ids in enumerate(passages):
-        request_id = f"forced-{i}"
-        targets[request_id], record[request_id] = ids[context:], []
-        engine.add_request(request_id, ids[:context], SamplingParams(max_tokens=len(ids) - context, temperature=0,
-                                                                     ignore_eos=True, pruning=pruning))
-    with teacher_forcing(llm, targets, record):
-        while engine.has_unfinished_requests():
-            engine.step()
-    return [record[f"forced-{i}"] for i in range(len(passages))]
 
 
 def quality(llm: LLM, passages, args, pruning, dense: dict | None) -> dict:

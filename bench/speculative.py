@@ -31,8 +31,9 @@ from trident.bench.machine import machine_info
 from trident.bench.report import markdown, save_figure
 from trident.engine.config import EngineConfig, SchedulerConfig, SpeculativeConfig
 from trident.engine.llm import LLM
-from trident.engine.pruning.calibrate import collect_stats, importance, token_windows
-from trident.engine.pruning.depth import rank_layers
+from trident.engine.calibration.evaluate import token_windows
+from trident.engine.calibration.statistics import collect_stats, importance
+from trident.engine.calibration.depth import rank_layers
 from trident.engine.pruning.length import RequestPruning
 from trident.engine.sampling_params import SamplingParams
 

@@ -30,7 +30,7 @@ from trident.bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, load_alpaca, pos
 from trident.bench.pareto import pareto_front
 from trident.bench.report import save_figure
 from trident.engine.llm import LLM
-from trident.engine.pruning.calibrate import perplexity, token_windows
+from trident.engine.calibration.evaluate import perplexity, token_windows
 from trident.engine.pruning.profiles import profile_dir
 from trident.engine.sampling_params import SamplingParams
 from trident.kernels.linear import Linear

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
-from trident.engine.pruning.depth import DEPTH_COMPENSATIONS
+from trident.engine.calibration.depth import DEPTH_COMPENSATIONS
 from trident.engine.pruning.plan import HEAD_UNITS
 from trident.engine.pruning.profiles import PROFILES
-from trident.engine.pruning.reconstruct import COMPENSATIONS
+from trident.engine.calibration.reconstruct import COMPENSATIONS
 from trident.kernels.cpu_gemm import MODES as CPU_GEMM_MODES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -128,7 +128,7 @@ DEFAULT_CALIBRATION_DATA = Path(__file__).resolve().parents[1] / "bench" / "data
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from trident.engine.pruning.calibrate import calibrate
+    from trident.engine.calibration.calibrate import calibrate
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not Path(args.data).is_file():

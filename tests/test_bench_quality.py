@@ -288,7 +288,7 @@ def test_width_sweep_writes_batch_and_single_sequence_figures(tiny_model_dir, tm
     import shutil
 
     from trident.bench import width_sweep as sweep
-    from trident.engine.pruning.calibrate import calibrate
+    from trident.engine.calibration.calibrate import calibrate
 
     data = tmp_path / "data"
     data.mkdir()

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from trident.engine.loader import load_checkpoint
 from trident.engine.pruning.apply import apply_plan
-from trident.engine.pruning.calibrate import RunningMoments, collect_stats, importance
-from trident.engine.pruning.depth import (RunMoments, budgets_for, collect_run_moments, depth_plan, dropped_runs,
+from trident.engine.calibration.statistics import RunningMoments, collect_stats, importance
+from trident.engine.calibration.depth import (RunMoments, budgets_for, collect_run_moments, depth_plan, dropped_runs,
                                           rank_layers, refit_down_proj, sweep_runs)
 from trident.engine.pruning.plan import ExitPoint, LayerPlan, PlanError, PruningPlan
 from trident.engine.sampling_params import SamplingParams
@@ -137,7 +137,7 @@ def test_least_squares_refit_absorbs_a_linear_contribution_and_beats_the_mean():
 
 
 def test_calibrate_writes_depth_plans(tmp_path, tiny_model_dir, capsys):
-    from trident.engine.pruning.calibrate import calibrate
+    from trident.engine.calibration.calibrate import calibrate
     from trident.server.cli import main
 
     text = " ".join(["The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon."] * 60)

@@ -9,8 +9,8 @@ import torch
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.loader import load_checkpoint
-from trident.engine.pruning.calibrate import calibrate
-from trident.engine.pruning.exits import TEMPERATURES, ExitData, default_exit_layers, fit_probe, pick_threshold
+from trident.engine.calibration.calibrate import calibrate
+from trident.engine.calibration.exits import TEMPERATURES, ExitData, default_exit_layers, fit_probe, pick_threshold
 from trident.engine.pruning.length import RequestPruning
 from trident.engine.pruning.plan import ExitPoint, PlanError, PruningPlan
 from trident.engine.sampling_params import SamplingParams

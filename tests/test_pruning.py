@@ -234,7 +234,7 @@ def test_flop_formulas_by_hand():
 
 
 def test_calibration_is_deterministic_and_writes_profiles(tmp_path, tiny_model_dir):
-    from trident.engine.pruning.calibrate import calibrate
+    from trident.engine.calibration.calibrate import calibrate
 
     text = " ".join(["The quick brown fox jumps over the lazy dog. Once upon a time there was a dragon."] * 60)
     (tmp_path / "text.txt").write_text(text)
@@ -257,7 +257,7 @@ def test_healing_brings_the_pruned_model_closer_to_dense_and_travels_with_the_pl
     from safetensors.torch import save_file
 
     from trident.engine.model import LlamaModel
-    from trident.engine.pruning.heal import distill_loss, forward_logits, heal, layer_tensors
+    from trident.engine.calibration.heal import distill_loss, forward_logits, heal, layer_tensors
 
     ckpt = load_checkpoint(str(tiny_model_dir))
     cfg, plan = ckpt.config, tiny_plan(ckpt.config)
@@ -300,7 +300,7 @@ def test_healing_brings_the_pruned_model_closer_to_dense_and_travels_with_the_pl
 
 def test_healing_keeps_the_weights_of_its_best_validation_step(tiny_model_dir):
     from trident.engine.model import LlamaModel
-    from trident.engine.pruning.heal import autocast_dtype, heal, held_out_kl, layer_tensors
+    from trident.engine.calibration.heal import autocast_dtype, heal, held_out_kl, layer_tensors
 
     ckpt = load_checkpoint(str(tiny_model_dir))
     cfg, plan = ckpt.config, tiny_plan(ckpt.config)
@@ -333,7 +333,7 @@ def test_healing_keeps_the_weights_of_its_best_validation_step(tiny_model_dir):
 
 
 def test_calibrate_rejects_bad_heal_budgets(tmp_path, capsys):
-    from trident.engine.pruning.calibrate import calibrate
+    from trident.engine.calibration.calibrate import calibrate
     from trident.server.cli import main
 
     (tmp_path / "text.txt").write_text("some text")
@@ -370,7 +370,7 @@ def test_calibrate_checks_its_text_and_output_folder_before_the_statistics(tmp_p
 
 
 def test_least_squares_refit_matches_a_direct_solve_and_beats_the_mean_bias():
-    from trident.engine.pruning.reconstruct import refit_columns
+    from trident.engine.calibration.reconstruct import refit_columns
 
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(12, 12, generator=g, dtype=torch.float64)
@@ -399,7 +399,7 @@ def test_least_squares_refit_matches_a_direct_solve_and_beats_the_mean_bias():
 
 
 def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_model_dir):
-    from trident.engine.pruning.calibrate import calibrate
+    from trident.engine.calibration.calibrate import calibrate
 
     (tmp_path / "text.txt").write_text(" ".join(["Once upon a time there was a dragon."] * 120))
     report = calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=128, eval_tokens=64, window=64,
@@ -414,7 +414,7 @@ def test_bias_only_compensation_writes_plans_without_weights(tmp_path, tiny_mode
 
 
 def test_group_head_unit_drops_whole_kv_groups_by_summed_scores():
-    from trident.engine.pruning.calibrate import _global_keep_groups
+    from trident.engine.calibration.width import _global_keep_groups
 
     # Two layers of 4 query heads in 2 groups. Layer 0's lowest single head (0) sits in its
     # strongest group; the groups' summed standardized scores pick group 1 instead.
@@ -427,7 +427,7 @@ def test_group_head_unit_drops_whole_kv_groups_by_summed_scores():
 
 
 def test_calibration_with_group_head_unit_keeps_groups_equal_and_shrinks_the_kv_cache(tmp_path, tiny_model_dir):
-    from trident.engine.pruning.calibrate import calibrate
+    from trident.engine.calibration.calibrate import calibrate
 
     (tmp_path / "text.txt").write_text(" ".join(["Once upon a time there was a dragon."] * 120))
     report = calibrate(str(tiny_model_dir), tmp_path / "text.txt", num_tokens=128, eval_tokens=64, window=64,

@@ -9,7 +9,7 @@
 `null` lists mean "keep all" (a null `kept_kv_heads`: the KV heads the kept query heads read).
 `weights` (optional) names a safetensors file, relative to the plan file, whose tensors (HF
 names, already sliced shapes) replace the pruned model's after slicing: the least-squares refit
-of o_proj / down_proj (engine.pruning.reconstruct) or what healing (engine.pruning.heal) trained.
+of o_proj / down_proj (engine.calibration.reconstruct) or what healing (engine.calibration.heal) trained.
 `model` holds the shape the plan was made for and, from `trident calibrate`, a digest of the
 checkpoint's tensors. Plans are produced by `trident calibrate` and loaded by
 `trident serve`; `PruningPlan.validate` checks one against the model before any weight is touched.

@@ -1,5 +1,5 @@
 """Calibration passes: the engine prefills text windows while forward hooks on its model collect
-statistics (engine.pruning.calibrate for width and Block Influence, engine.pruning.depth for runs
+statistics (engine.calibration.calibrate for width and Block Influence, engine.calibration.depth for runs
 of dropped layers)."""
 from __future__ import annotations
 

@@ -19,12 +19,17 @@ math that serving runs (cache writes and gathers are differentiable).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from trident.engine.loader import load_checkpoint
 from trident.engine.model import LlamaModel
+from trident.engine.pruning.apply import apply_plan
+from trident.engine.pruning.plan import PruningPlan
 from trident.kernels.metadata import AttentionMetadata
 
 BLOCK_SIZE = 16
@@ -165,3 +170,21 @@ def layer_tensors(model: LlamaModel) -> dict[str, torch.Tensor]:
             tensors["mlp.down_proj.bias"] = mlp.down_proj.bias
         out.update({p + k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
     return out
+
+
+def heal_plan(plan: PruningPlan, teacher: LlamaModel, model: str, windows: list[list[int]], steps: int,
+              lr: float, out_dir: Path, val_windows: list[list[int]] | None = None) -> dict:
+    """Heal the model `plan` slices from `model` (starting from its weights file, if any); write
+    `<plan name>.safetensors` into `out_dir` and point `plan.weights` at it. Returns the first and
+    last distillation losses and, with `val_windows`, the validation KL curve and the step kept."""
+    ckpt = load_checkpoint(model)
+    student = LlamaModel.from_hf_state_dict(ckpt.config, apply_plan(ckpt.state_dict, ckpt.config, plan),
+                                            teacher.rotary.cos.shape[0], torch.float32,
+                                            teacher.embed_tokens.weight.device)
+    run = heal(teacher, student, windows, steps, lr, desc=f"healing {plan.name}", val_windows=val_windows)
+    save_file(layer_tensors(student), str(out_dir / f"{plan.name}.safetensors"))
+    plan.weights = f"{plan.name}.safetensors"
+    return {"steps": steps, "lr": lr, "windows": len(windows), "val_windows": len(val_windows or []),
+            "kl_first": run["losses"][0], "kl_last": run["losses"][-1], "val_kl": run["val"],
+            "best_step": run["best_step"]}
+

@@ -2,7 +2,7 @@
 layer added to the residual stream.
 
 Block Influence (ShortGPT), BI = 1 - mean cos(x_in, x_out) over calibration tokens, is collected by
-engine.pruning.calibrate; a plan for a budget of n layers drops the n layers of lowest BI.
+engine.calibration.statistics; a plan for a budget of n layers drops the n layers of lowest BI.
 
 A maximal run of dropped layers j..l added delta = x_out(l) - x_in(j) to the residual stream. The
 kept layer k before the run (k = j - 1) writes to that stream last, through its down_proj, so it
@@ -10,7 +10,7 @@ can carry what the run added (a run that starts at layer 0 has no such layer and
 uncompensated). With h the down_proj input of layer k and W its weight, compensation is one of:
 - "least-squares": refit [W', b] = argmin E || W h + delta - (W' h + b) ||^2 + lam || W' - W ||^2,
   the part of delta that is linear in h moves into W' and its mean into the bias b; lam as in
-  engine.pruning.reconstruct (ridge toward the original weight, so lam -> inf gives "bias");
+  engine.calibration.reconstruct (ridge toward the original weight, so lam -> inf gives "bias");
 - "bias": b = E[delta] only (the run's mean contribution);
 - "none": plain dropping.
 All moments are of the dense model on the calibration text (each run repaired against dense
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trident.engine.pruning.passes import prefill_windows
+from trident.engine.calibration.passes import prefill_windows
+from trident.engine.calibration.reconstruct import DAMPING
 from trident.engine.pruning.plan import PruningPlan
-from trident.engine.pruning.reconstruct import DAMPING
 
 if TYPE_CHECKING:
     from trident.engine.llm import LLM
-    from trident.engine.pruning.calibrate import RunningMoments
+    from trident.engine.calibration.statistics import RunningMoments
 
 DEPTH_BUDGETS = (1, 2, 3, 4, 6, 8)          # layers dropped, one plan each
 DEPTH_COMPENSATIONS = ("least-squares", "bias", "none")
