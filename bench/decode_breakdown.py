@@ -23,7 +23,8 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 from trident.bench.datasets import WIKITEXT_FILE, positive_int, require_data_file, require_writable
-from trident.bench.inprocess import DATA_DIR, add_batch, batch_params, engine_for, plan_runs, speed_batch_prompts
+from trident.bench.inprocess import DATA_DIR, engine_for, plan_runs, speed_batch_prompts
+from trident.engine.calibration.timing import add_batch, batch_params
 from trident.engine.llm import LLM
 from trident.engine.pruning.profiles import profile_dir
 

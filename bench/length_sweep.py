@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from trident.bench.datasets import WIKITEXT_FILE, positive_int, require_data_file, require_writable
-from trident.bench.inprocess import lockstep_speed, model_parser, paired_ratio
+from trident.bench.inprocess import model_parser
+from trident.engine.calibration.timing import lockstep_speed, paired_ratio
 from trident.bench.machine import machine_info
 from trident.bench.report import markdown, save_figure
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from trident.bench.agreement import prefix_agreement
-from trident.bench.inprocess import (DATA_DIR, engine_for, labelled, lockstep_speed, paired_ratio, plan_runs,
+from trident.engine.calibration.timing import lockstep_speed, paired_ratio
+from trident.bench.inprocess import (DATA_DIR, engine_for, labelled, plan_runs,
                                      speed_batch_prompts)
 from trident.bench.datasets import (ALPACA_FILE, WIKITEXT_FILE, load_alpaca, positive_int, require_data_file,
                                     require_writable)

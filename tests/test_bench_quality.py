@@ -70,7 +70,7 @@ def test_parse_sweep():
 def test_lockstep_speed_of_one_engine_times_prefill_and_decode_steps_directly(tiny_model_dir, monkeypatch):
     from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from trident.engine.llm import LLM
-    import trident.bench.inprocess as sweep
+    import trident.engine.calibration.timing as sweep
 
     def make(prefix_caching=False):
         return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",
@@ -196,7 +196,7 @@ def test_cpu_linear_times_every_provider_and_the_engine_under_each_gemm_setting(
 def test_lockstep_speed_steps_the_engines_in_turns_and_times_each_ones_own_steps(tiny_model_dir, monkeypatch):
     from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from trident.engine.llm import LLM
-    import trident.bench.inprocess as sweep
+    import trident.engine.calibration.timing as sweep
 
     def make():
         return LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32",

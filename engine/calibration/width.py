@@ -8,6 +8,7 @@ or, without statistics, only the removed channels' mean contribution becomes a b
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from trident.engine.calibration.reconstruct import refit_columns
 from trident.engine.calibration.statistics import LayerStats, RunningMoments
 from trident.engine.config import ModelConfig
-from trident.engine.pruning.plan import HEAD_UNITS, LayerPlan, PruningPlan
+from trident.engine.pruning.plan import HEAD_UNITS, PruningPlan
 
 if TYPE_CHECKING:
     from trident.engine.llm import LLM
@@ -77,7 +78,8 @@ def check_head_unit(head_unit: str) -> None:
 
 
 def width_plan(imp: dict, llm: LLM, fraction: float, name: str, stats: list[LayerStats] | None = None,
-               head_unit: str = "head") -> tuple[PruningPlan, dict[str, torch.Tensor]]:
+               head_unit: str = "head", base: PruningPlan | None = None,
+               base_tensors: dict[str, torch.Tensor] | None = None) -> tuple[PruningPlan, dict[str, torch.Tensor]]:
     """Drop `fraction` of query heads and of FFN channels, spread non-uniformly across layers.
 
     head_unit "head" drops single query heads; "group" drops whole KV groups (see
@@ -85,9 +87,16 @@ def width_plan(imp: dict, llm: LLM, fraction: float, name: str, stats: list[Laye
 
     Compensation: with `stats`, o_proj / down_proj are refit by least squares on the calibration
     moments (engine.calibration.reconstruct) and returned as sliced HF-named tensors for the plan's
-    weights file; without, the removed channels' mean contribution becomes the bias (FLAP)."""
+    weights file; without, the removed channels' mean contribution becomes the bias (FLAP).
+
+    `base` (with its refit `base_tensors`) is a plan to prune further, e.g. a layer-drop plan: its
+    dropped layers stay dropped and do not count toward the budget, a refit weight of it is what
+    the kept columns reproduce, and its biases add to the new ones."""
     cfg: ModelConfig = llm.engine.model_config
-    layers_imp = imp["layers"]
+    base = base or PruningPlan.dense(cfg)
+    base_tensors = base_tensors or {}
+    present = [i for i, layer in enumerate(base.layers) if layer.keep]
+    layers_imp = [imp["layers"][i] for i in present]
     group = cfg.num_heads // cfg.num_kv_heads
     head_scores = [l["head_scores"] for l in layers_imp]
     check_head_unit(head_unit)
@@ -95,26 +104,31 @@ def width_plan(imp: dict, llm: LLM, fraction: float, name: str, stats: list[Laye
              else _global_keep_groups(head_scores, fraction, group))
     channels = _global_keep([l["channel_scores"] for l in layers_imp], fraction,
                             min_keep=max(1, cfg.intermediate_size // 16))
-    layers, tensors = [], {}
-    for i, (layer, li, kept_h, kept_c) in enumerate(zip(llm.engine.model.layers, layers_imp, heads, channels)):
-        plan = LayerPlan()
-        p = f"model.layers.{i}."
+    layers = [replace(layer) for layer in base.layers]
+    tensors = dict(base_tensors)
+    for i, li, kept_h, kept_c in zip(present, layers_imp, heads, channels):
+        layer, plan, p = llm.engine.model.layers[i], layers[i], f"model.layers.{i}."
         if len(kept_h) < cfg.num_heads:
             plan.kept_q_heads = kept_h
             plan.kept_kv_heads = sorted({h // group for h in kept_h})
             kept = [h * cfg.head_dim + j for h in kept_h for j in range(cfg.head_dim)]
-            plan.attn_bias, w = _compensate(layer.self_attn.o_proj.weight, kept, li["attn_in_mean"],
-                                            stats[i].attn_in if stats else None)
+            weight = tensors.get(p + "self_attn.o_proj.weight", layer.self_attn.o_proj.weight)
+            bias, w = _compensate(weight, kept, li["attn_in_mean"], stats[i].attn_in if stats else None)
+            plan.attn_bias = _added(plan.attn_bias, bias)
             if w is not None:
                 tensors[p + "self_attn.o_proj.weight"] = w
         if len(kept_c) < cfg.intermediate_size:
             plan.kept_ffn_channels = kept_c
-            plan.ffn_bias, w = _compensate(layer.mlp.down_proj.weight, kept_c, li["ffn_in_mean"],
-                                           stats[i].ffn_in if stats else None)
+            weight = tensors.get(p + "mlp.down_proj.weight", layer.mlp.down_proj.weight)
+            bias, w = _compensate(weight, kept_c, li["ffn_in_mean"], stats[i].ffn_in if stats else None)
+            plan.ffn_bias = _added(plan.ffn_bias, bias)
             if w is not None:
                 tensors[p + "mlp.down_proj.weight"] = w
-        layers.append(plan)
-    return PruningPlan(name, PruningPlan.fingerprint(cfg), layers), tensors
+    return PruningPlan(name, PruningPlan.fingerprint(cfg), layers, replace(base.length)), tensors
+
+
+def _added(old: list[float] | None, new: list[float]) -> list[float]:
+    return new if old is None else [a + b for a, b in zip(old, new)]
 
 
 def _compensate(weight: torch.Tensor, kept: list[int], mean: list[float],
