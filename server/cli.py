@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from trident.engine.calibration.depth import DEPTH_COMPENSATIONS
+from trident.engine.calibration.planner import WORKLOADS, Settings
 from trident.engine.pruning.plan import HEAD_UNITS
 from trident.engine.pruning.profiles import PROFILES
 from trident.engine.calibration.reconstruct import COMPENSATIONS
@@ -113,6 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--exit-agreement", type=float, default=0.95,
                            help="held-out agreement with the full model that exits must keep (default %(default)s)")
     calibrate.set_defaults(handler=calibrate_command)
+    plan = commands.add_parser("plan", help="search one plan across depth, width and length for a target")
+    plan.add_argument("--model", default=DEFAULT_MODEL)
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--max-perplexity-increase", type=float, help="the fastest plan within this increase "
+                        "(0.05: +5%% held-out perplexity)")
+    target.add_argument("--target-speedup", type=float, help="the best-quality plan at least this much faster")
+    target.add_argument("--flops-budget", type=float, help="the best-quality plan within this fraction of "
+                        "dense FLOPs")
+    plan.add_argument("--workload", choices=sorted(WORKLOADS), default="decode",
+                      help="what speed means: batch decode, time to first token, or long-context decode with "
+                           "KV budgets (default %(default)s)")
+    plan.add_argument("--data", default=str(DEFAULT_CALIBRATION_DATA), help="text: statistics from its start, "
+                      "held-out passages from its end (default %(default)s)")
+    plan.add_argument("--out", help="output folder (default: where --plan PROFILE looks)")
+    plan.add_argument("--context", type=int, default=Settings.context,
+                      help="prompt tokens of each quality passage and timed sequence (default %(default)s)")
+    plan.add_argument("--continuation", type=int, default=Settings.continuation,
+                      help="teacher-forced tokens scored after each prompt (default %(default)s)")
+    plan.add_argument("--passages", type=int, default=Settings.passages,
+                      help="held-out passages (default %(default)s)")
+    plan.add_argument("--tokens", type=int, default=Settings.calibration_tokens,
+                      help="calibration tokens (default %(default)s)")
+    plan.add_argument("--batch", type=int, default=Settings.batch,
+                      help="sequences of a timed decode step (default %(default)s)")
+    plan.set_defaults(handler=plan_command)
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, text in BENCH_COMMANDS.items():
@@ -181,6 +207,39 @@ def calibrate_command(args: argparse.Namespace) -> int:
               f"held-out tokens at {point['agreement']:.1%} agreement (all tokens: {point['base_agreement']:.1%})")
     print(f"profiles: {report['profiles']}; plans in {report['out_dir']}")
     return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from trident.engine.calibration.planner import Target, run
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    target = Target(args.max_perplexity_increase, args.target_speedup, args.flops_budget)
+    sizes = {"context": args.context, "continuation": args.continuation, "passages": args.passages,
+             "tokens": args.tokens, "batch": args.batch}
+    small = [f"--{k}" for k, v in sizes.items() if v < 1]
+    if small:
+        print(f"trident plan: {', '.join(small)} must be at least 1", file=sys.stderr)
+        return 2
+    settings = Settings(context=args.context, continuation=args.continuation, passages=args.passages,
+                        calibration_tokens=args.tokens, batch=args.batch)
+    try:
+        report = run(args.model, Path(args.data), Path(args.out) if args.out else None, target, args.workload,
+                     settings)
+    except (ValueError, OSError) as e:
+        print(f"trident plan: {e}", file=sys.stderr)
+        return 2
+    phase = report["phase"]
+    print(f"dense perplexity {report['dense_perplexity']:.3f}; {report['search']['measured_points']} plans measured")
+    print(f"{'plan':<40} {'ppl ratio':>9} {'agreement':>9} {phase + ' speedup':>16} (predicted / timed)")
+    for name, row in [("chosen", report["chosen"])] + list(report["profiles"].items()):
+        if row is None:
+            print(f"{name}: no plan on the front meets the target")
+            continue
+        timed = row.get(f"measured_{phase}_speedup")
+        print(f"{name + ': ' + row['plan']:<40} {row['perplexity_ratio']:>9.3f} {row['token_agreement']:>9.3f} "
+              f"{row[f'predicted_{phase}_speedup']:>8.2f}x / {timed:.2f}x")
+    print(f"plans and plan-report.json in {report['out_dir']}")
+    return 0 if report["chosen"] is not None else 1
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -11,7 +11,7 @@ from trident.engine.config import ModelConfig
 from trident.engine.loader import cache_root
 from trident.engine.pruning.plan import PlanError, PruningPlan
 
-PROFILES = ("dense", "balanced", "aggressive")
+PROFILES = ("dense", "lossless", "balanced", "aggressive", "long-context")
 
 
 def profile_dir(model_name: str) -> Path:

@@ -1,0 +1,384 @@
+"""`trident plan`: from a quality, speed or FLOP target to one plan across depth, width and length.
+
+1. Statistics of the dense model on the start of the text, as `trident calibrate` collects them
+   (width moments, Block Influence, the moments of every run of dropped layers the search can
+   reach, exit probes calibrated for each agreement on the exit ladder).
+2. A cost model fitted to steps timed on this device (engine.calibration.cost_model): a few probe
+   plans decode `batch` sequences and prefill `context`-token prompts side by side with dense.
+3. The joint search (engine.calibration.search): every point is a real combined plan
+   (engine.calibration.compose) measured on held-out passages from the end of the text: the
+   perplexity of a teacher-forced continuation after a `context`-token prompt, run through the
+   engine with every axis on (prefill dropping on the prompt, the KV budget and exits on each
+   decode step), and token agreement with dense given the same prefix. Speed is the cost model's.
+4. The Pareto set, the plan that meets the target, and the profiles: `lossless` (no lossy
+   pruning: dense weights; served with speculative decoding it stays greedy-identical),
+   `balanced` and `aggressive` (fastest within PROFILE_LIMITS), `long-context` (the smallest KV
+   memory per sequence at LONG_CONTEXT tokens within its limit). The chosen plans are then timed
+   against dense, next to the cost model's prediction.
+
+Workloads: "decode" maximizes batch decode speed, "prefill" time to first token, "long-context"
+decode speed with a KV budget ladder (and the same quality measure at the planning context).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import shutil
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from trident.engine.calibration.compose import AXES, Ingredients, Point, compose
+from trident.engine.calibration.cost_model import FEATURES, CostModel, features
+from trident.engine.calibration.depth import budgets_for, collect_run_moments, rank_layers, sweep_runs
+from trident.engine.calibration.evaluate import forced_continuation, split_windows
+from trident.engine.calibration.exits import calibrate_exits, default_exit_layers
+from trident.engine.calibration.search import (Lattice, Measured, SearchResult, best_within, cheapest_reaching,
+                                               greedy_path, pareto)
+from trident.engine.calibration.statistics import collect_stats, importance
+from trident.engine.calibration.timing import lockstep_speed
+from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from trident.engine.llm import LLM
+from trident.engine.loader import load_checkpoint
+from trident.engine.pruning.plan import PruningPlan
+from trident.engine.pruning.profiles import profile_dir
+
+log = logging.getLogger(__name__)
+
+WORKLOADS = {"decode": "decode", "prefill": "prefill", "long-context": "decode"}   # workload -> timed phase
+PROFILE_LIMITS = {"balanced": 1.05, "aggressive": 1.15, "long-context": 1.10}       # perplexity ratio to dense
+LONG_CONTEXT = 4096            # tokens per sequence the long-context profile's KV memory is counted at
+SEARCH_LIMIT = 1.30            # the search stops past this perplexity ratio
+KV_BUDGET_FRACTIONS = (0.75, 0.5, 0.375, 0.25)
+EXIT_AGREEMENTS = (0.99, 0.95, 0.9)
+
+
+@dataclass
+class Target:
+    """What the chosen plan must meet: exactly one of the three."""
+
+    max_perplexity_increase: float | None = None    # e.g. 0.05: the fastest plan within +5%
+    target_speedup: float | None = None             # e.g. 1.5: the best-quality plan at least this fast
+    flops_budget: float | None = None               # e.g. 0.6: the best-quality plan within 60% of dense FLOPs
+
+    def check(self) -> None:
+        given = [v for v in (self.max_perplexity_increase, self.target_speedup, self.flops_budget) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one target: --max-perplexity-increase, --target-speedup or --flops-budget")
+        if self.max_perplexity_increase is not None and not self.max_perplexity_increase >= 0:
+            raise ValueError(f"--max-perplexity-increase must be >= 0, got {self.max_perplexity_increase}")
+        if self.target_speedup is not None and not self.target_speedup > 0:
+            raise ValueError(f"--target-speedup must be > 0, got {self.target_speedup}")
+        if self.flops_budget is not None and not 0 < self.flops_budget <= 1:
+            raise ValueError(f"--flops-budget must be in (0, 1], got {self.flops_budget}")
+
+
+@dataclass
+class Settings:
+    """How much text and time the planning run spends."""
+
+    context: int = 1024            # prompt tokens of every quality passage and timed sequence
+    continuation: int = 128        # teacher-forced tokens scored after each prompt
+    passages: int = 4              # held-out passages
+    calibration_tokens: int = 16384
+    window: int = 512              # statistics windows
+    batch: int = 8                 # sequences of a timed decode step
+    timed_steps: int = 16          # decode steps timed per round
+    rounds: int = 2                # timing rounds (the first engine rotates)
+    dtype: str = "float32"
+    prefill_recent: int = 128      # prompt tokens prefill dropping always keeps at the end
+    lattice: Lattice = field(default_factory=Lattice)
+
+
+@dataclass
+class Quality:
+    perplexity: float
+    ratio: float                   # to dense
+    token_agreement: float         # teacher-forced argmax equal to dense's
+    flops_fraction: float          # executed / dense FLOPs of the quality run
+    layer_fraction: float          # of the present layers, what an average decode token ran (exits)
+
+
+class Planner:
+    """Holds the statistics, the quality cache and the cost model of one planning run."""
+
+    def __init__(self, model: str, data: Path, out_dir: Path | None, settings: Settings) -> None:
+        self.model, self.settings = model, settings
+        s = settings
+        base = EngineConfig(model=model, dtype=s.dtype, cache=CacheConfig(enable_prefix_caching=False),
+                            scheduler=SchedulerConfig(max_model_len=s.window + 1, max_num_batched_tokens=s.window))
+        llm = LLM(base)
+        self.config = llm.engine.model_config
+        self.out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
+        self.work_dir = self.out_dir / "candidates"
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot write plans to {self.out_dir}: {e}") from e
+        ids = llm.tokenizer.encode(Path(data).read_text(encoding="utf-8"), add_special_tokens=False)
+        passage = s.context + s.continuation
+        need = s.calibration_tokens + (s.passages + s.batch) * passage
+        if len(ids) < need:
+            raise ValueError(f"{data} has {len(ids)} tokens, fewer than the {need} this run needs (calibration "
+                             f"{s.calibration_tokens}, then {s.passages} held-out passages and {s.batch} timed "
+                             f"prompts of {passage})")
+        calib = split_windows(ids[:s.calibration_tokens], s.window)
+        # Held out from the end; the timed prompts sit between calibration and held-out text.
+        self.passages = split_windows(ids[len(ids) - s.passages * passage:], passage)
+        middle = ids[s.calibration_tokens:len(ids) - s.passages * passage]
+        self.speed_prompts = split_windows(middle[:s.batch * s.context], s.context)
+        stats = collect_stats(llm, calib)
+        imp = importance(llm, stats)
+        order = rank_layers(imp)
+        depths = budgets_for(self.config.num_layers, tuple(d for d in s.lattice.depth if d))
+        depth_stats = collect_run_moments(llm, calib, sweep_runs(order, depths))
+        exits = None
+        agreements = tuple(a for a in s.lattice.exit if a is not None)
+        if agreements:
+            check = max(1, len(calib) - 4)
+            exits = calibrate_exits(llm, calib[:check], calib[check:] or calib[-1:],
+                                    default_exit_layers(self.config.num_layers), agreements)
+        digest = PruningPlan.checkpoint_digest(load_checkpoint(model).state_dict)
+        self.ingredients = Ingredients(llm, imp, stats, depth_stats, exits, digest, s.prefill_recent)
+        self.dense_plan = PruningPlan.dense(self.config)
+        self.qualities: dict[Point, Quality] = {}
+        self.dense_argmax: list[list[int]] | None = None
+        self.cost: CostModel | None = None
+        self.timing: dict = {}
+
+    # ------------------------------------------------------------------ plans
+
+    def plan_file(self, point: Point, folder: Path | None = None, name: str | None = None) -> Path:
+        """Write the plan of `point` (and its weights) into `folder` (default: the work folder)."""
+        folder = folder or self.work_dir
+        name = name or point.label
+        path = folder / f"{name}.json"
+        if path.exists():
+            return path
+        plan, tensors = compose(point, self.ingredients, name)
+        if tensors:
+            save_file(tensors, str(folder / f"{name}.safetensors"))
+            plan.weights = f"{name}.safetensors"
+        plan.save(path)
+        return path
+
+    def plan_of(self, point: Point) -> PruningPlan:
+        return PruningPlan.load(self.plan_file(point))
+
+    def engine(self, point: Point, num_seqs: int, context: int, extra: int) -> LLM:
+        """An engine for `point` without prefix caching, its KV cache sized for `num_seqs` sequences."""
+        s = self.settings
+        max_len = context + extra + 8
+        return LLM(EngineConfig(model=self.model, dtype=s.dtype,
+                                plan=None if point == Point() else str(self.plan_file(point)),
+                                cache=CacheConfig(enable_prefix_caching=False,
+                                                  num_blocks=num_seqs * (-(-max_len // CacheConfig.block_size) + 1)),
+                                scheduler=SchedulerConfig(max_model_len=max_len, max_num_batched_tokens=context,
+                                                          max_num_seqs=max(num_seqs, 1))))
+
+    # ------------------------------------------------------------------ quality
+
+    def quality(self, point: Point) -> Quality:
+        """Held-out quality of `point` (cached): teacher-forced continuations through the engine."""
+        if point in self.qualities:
+            return self.qualities[point]
+        if self.dense_argmax is None and point != Point():
+            self.quality(Point())
+        s = self.settings
+        llm = self.engine(point, s.passages, s.context, s.continuation)
+        forced = forced_continuation(llm, self.passages, s.context, None)
+        logprobs = [lp for passage in forced for lp, _ in passage]
+        argmax = [[a for _, a in passage] for passage in forced]
+        ppl = math.exp(-statistics.fmean(logprobs))
+        flops = llm.engine.total_flops
+        kept = [layer.keep for layer in llm.engine.plan.layers] if llm.engine.plan else [True] * self.config.num_layers
+        present = sum(kept)
+        # An exited token ran the present layers below its exit (the accounting keys it by layer count).
+        exited = sum(flops.exit_layer_tokens.values())
+        layers_run = sum(sum(kept[:n]) * c for n, c in flops.exit_layer_tokens.items())
+        mean_layers = (layers_run + (len(logprobs) - exited) * present) / len(logprobs)
+        if self.dense_argmax is None:
+            self.dense_argmax, self.dense_ppl = argmax, ppl
+        pairs = [(a, b) for mine, ref in zip(argmax, self.dense_argmax) for a, b in zip(mine, ref)]
+        q = Quality(ppl, ppl / self.dense_ppl, sum(a == b for a, b in pairs) / len(pairs),
+                    flops.executed / flops.dense, mean_layers / present)
+        self.qualities[point] = q
+        log.info("%-40s perplexity %.3f (x%.3f), agreement %.3f", point.label, ppl, q.ratio, q.token_agreement)
+        del llm
+        gc.collect()
+        return q
+
+    # ------------------------------------------------------------------ speed
+
+    def fit_cost(self, probes: list[Point]) -> CostModel:
+        """Time `probes` (dense first) side by side and fit the cost model to their steps."""
+        s = self.settings
+        measured = self.time_points(probes)
+        samples = {"decode": [], "prefill": []}
+        for point, (prefill_tps, decode_tps) in zip(probes, measured):
+            plan = self.dense_plan if point == Point() else self.plan_of(point)
+            samples["decode"].append((features(plan, self.config, "decode", s.context, s.batch), s.batch / decode_tps))
+            samples["prefill"].append((features(plan, self.config, "prefill", s.context, s.batch),
+                                       s.context / prefill_tps))
+        self.cost = CostModel.fit(samples, s.context, s.batch)
+        self.timing["probes"] = [{"plan": p.label, "prefill_tok_s": a, "decode_tok_s": b}
+                                 for p, (a, b) in zip(probes, measured)]
+        return self.cost
+
+    def time_points(self, points: list[Point]) -> list[tuple[float, float]]:
+        """Median (prefill tok/s, decode tok/s) of each point over the rounds, engines side by side."""
+        s = self.settings
+        llms = [self.engine(p, s.batch, s.context, s.timed_steps + 8) for p in points]
+        rounds = [lockstep_speed(llms, [self.speed_prompts] * len(llms), s.timed_steps, first=r, warm_up=r == 0)
+                  for r in range(s.rounds)]
+        del llms
+        gc.collect()
+        return [(statistics.median(r[i][0] for r in rounds), statistics.median(r[i][1] for r in rounds))
+                for i in range(len(points))]
+
+    def predicted(self, point: Point) -> dict[str, float]:
+        """Predicted speedups over dense, per phase."""
+        plan = self.dense_plan if point == Point() else self.plan_of(point)
+        frac = self.quality(point).layer_fraction
+        return {phase: self.cost.speedup(plan, self.dense_plan, self.config, phase, frac)
+                for phase in ("decode", "prefill")}
+
+    def measure(self, phase: str):
+        def measure(point: Point) -> Measured:
+            return Measured(point, self.quality(point).ratio, self.predicted(point)[phase])
+        return measure
+
+    # ------------------------------------------------------------------ memory
+
+    def kv_bytes(self, point: Point, context: int = LONG_CONTEXT) -> float:
+        """K/V bytes one sequence of `context` tokens holds under `point`'s plan."""
+        plan = self.dense_plan if point == Point() else self.plan_of(point)
+        keys = min(context, plan.length.kv_budget) if plan.length.kv_budget else context
+        per_token = sum(2 * len(plan.kv_heads_of(i, self.config)) * self.config.head_dim * 4
+                        for i, layer in enumerate(plan.layers) if layer.keep)
+        return per_token * keys
+
+
+def lattice_for(workload: str, context: int, base: Lattice | None = None) -> Lattice:
+    """The ladders a workload searches: KV budgets only where decode is timed."""
+    base = base or Lattice()
+    budgets = (0,) + tuple(int(f * context) for f in KV_BUDGET_FRACTIONS) if WORKLOADS[workload] == "decode" else (0,)
+    return replace(base, kv_budget=budgets)
+
+
+def choose(front: list[Measured], target: Target, planner: Planner) -> Measured | None:
+    if target.max_perplexity_increase is not None:
+        return best_within(front, 1 + target.max_perplexity_increase)
+    if target.target_speedup is not None:
+        return cheapest_reaching(front, target.target_speedup)
+    ok = [m for m in front if planner.quality(m.point).flops_fraction <= target.flops_budget]
+    return min(ok, key=lambda m: m.quality) if ok else None
+
+
+def probe_points(lattice: Lattice) -> list[Point]:
+    """Dense and a spread of plans that vary each feature of the cost model on its own."""
+    probes = [Point(), Point(width=lattice.width[-1]), Point(depth=lattice.depth[-1]),
+              Point(depth=lattice.depth[len(lattice.depth) // 2], width=lattice.width[len(lattice.width) // 2]),
+              Point(prefill_keep=lattice.prefill_keep[-1])]
+    if len(lattice.kv_budget) > 1:
+        probes.append(Point(kv_budget=lattice.kv_budget[-1]))
+    return probes
+
+
+def run(model: str, data: Path, out_dir: Path | None, target: Target, workload: str = "decode",
+        settings: Settings | None = None, single_axis: bool = False,
+        check_levels: tuple[float, ...] = ()) -> dict:
+    """The whole planning run; writes plans and `plan-report.json` into `out_dir`, returns the report.
+
+    single_axis: also measure each axis's own ladder (the fronts the joint one is compared with).
+    check_levels: quality ratios at which the joint front's and every axis's best plans are timed."""
+    target.check()
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {workload!r}")
+    settings = settings or Settings()
+    settings = replace(settings, lattice=lattice_for(workload, settings.context, settings.lattice))
+    if not Path(data).is_file():
+        raise ValueError(f"calibration data {data} is not a file")
+    planner = Planner(model, Path(data), out_dir, settings)
+    lattice, phase = settings.lattice, WORKLOADS[workload]
+    planner.fit_cost(probe_points(lattice))
+    measure = planner.measure(phase)
+    search: SearchResult = greedy_path(lattice, measure, SEARCH_LIMIT)
+    singles: dict[str, list[Measured]] = {}
+    if single_axis:
+        for axis in AXES:
+            if len(lattice.ladder(axis)) > 1:
+                singles[axis] = [measure(Point())] + [measure(p) for p in lattice.single_axis(axis)]
+    every = [measure(p) for p in planner.qualities]
+    front = pareto(every)
+    chosen = choose(front, target, planner)
+    out = planner.out_dir
+    profiles = {"lossless": Point()}
+    for name, limit in PROFILE_LIMITS.items():
+        if name == "long-context":
+            ok = [m for m in every if m.quality <= limit]
+            best = min(ok, key=lambda m: (planner.kv_bytes(m.point), -m.speedup))
+        else:
+            best = best_within(front, limit)
+        profiles[name] = best.point if best else Point()
+    written = {}
+    for name, point in profiles.items():
+        written[name] = str(planner.plan_file(point, out, name))
+    if chosen is not None:
+        written["chosen"] = str(planner.plan_file(chosen.point, out, "chosen"))
+    # Timing check: the chosen plan, the profiles, and each axis's best at the check levels.
+    to_time = [Point()] + [p for p in profiles.values() if p != Point()]
+    if chosen is not None:
+        to_time.append(chosen.point)
+    level_best = {}
+    for level in check_levels:
+        level_best[level] = {"joint": best_within(front, level)}
+        for axis, points in singles.items():
+            level_best[level][axis] = best_within(pareto(points), level)
+        to_time += [m.point for m in level_best[level].values() if m is not None]
+    to_time = list(dict.fromkeys(to_time))
+    timed = dict(zip(to_time, planner.time_points(to_time)))
+    dense_prefill, dense_decode = timed[Point()]
+
+    def describe(point: Point) -> dict:
+        q, pred = planner.quality(point), planner.predicted(point)
+        row = {"plan": point.label, "point": asdict(point), "axes": point.axes, "perplexity": q.perplexity,
+               "perplexity_ratio": q.ratio, "token_agreement": q.token_agreement,
+               "flops_fraction": q.flops_fraction, "predicted_decode_speedup": pred["decode"],
+               "predicted_prefill_speedup": pred["prefill"],
+               "kv_bytes_long_context": planner.kv_bytes(point),
+               "kv_fraction_long_context": planner.kv_bytes(point) / planner.kv_bytes(Point())}
+        if point in timed:
+            prefill_tps, decode_tps = timed[point]
+            row["measured_decode_speedup"] = decode_tps / dense_decode
+            row["measured_prefill_speedup"] = prefill_tps / dense_prefill
+        return row
+
+    report = {
+        "model": planner.ingredients.llm.engine.model_name, "workload": workload, "phase": phase,
+        "target": asdict(target), "settings": {k: v for k, v in asdict(settings).items() if k != "lattice"},
+        "lattice": asdict(lattice), "dense_perplexity": planner.dense_ppl,
+        "cost_model": {"features": FEATURES, "weights": planner.cost.weights, "residuals": planner.cost.residuals,
+                       "probes": planner.timing["probes"]},
+        "search": {"method": "greedy numerical gradient (engine/calibration/search.py)",
+                   "path": [m.point.label for m in search.path], "moves": search.moves,
+                   "measured_points": len(planner.qualities)},
+        "points": [describe(p) for p in planner.qualities],
+        "pareto": [m.point.label for m in front],
+        "single_axis": {axis: [m.point.label for m in points] for axis, points in singles.items()},
+        "chosen": describe(chosen.point) if chosen else None,
+        "profiles": {name: describe(point) for name, point in profiles.items()},
+        "levels": {str(level): {k: (describe(m.point) if m else None) for k, m in row.items()}
+                   for level, row in level_best.items()},
+        "plans": written, "out_dir": str(out),
+        "timed": {"dense_prefill_tok_s": dense_prefill, "dense_decode_tok_s": dense_decode,
+                  "batch": settings.batch, "context": settings.context},
+    }
+    (out / "plan-report.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(planner.work_dir, ignore_errors=True)
+    return report
+

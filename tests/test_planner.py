@@ -1,0 +1,169 @@
+"""The joint planner: composing axes into one plan, the cost model, the search, and `trident plan`
+end to end on a tiny random model."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from tests.conftest import DATA_DIR
+from trident.engine.calibration.compose import Point
+from trident.engine.calibration.cost_model import CostModel, features
+from trident.engine.calibration.search import Lattice, Measured, greedy_path, pareto
+from trident.engine.pruning.plan import PruningPlan
+
+
+def test_cost_model_recovers_the_weights_of_timed_steps(tiny_model_dir):
+    from trident.engine.loader import load_checkpoint
+
+    config = load_checkpoint(str(tiny_model_dir)).config
+    dense = PruningPlan.dense(config)
+    plans = [dense]
+    for drop in (1, 2):
+        p = PruningPlan.dense(config)
+        for i in range(drop):
+            p.layers[i].keep = False
+        plans.append(p)
+    narrow = PruningPlan.dense(config)
+    for layer in narrow.layers:
+        layer.kept_ffn_channels = list(range(48))
+    plans.append(narrow)
+    budget = PruningPlan.dense(config)
+    budget.length = replace(budget.length, decode_sinks=4, decode_recent=12, decode_heavy=16)
+    plans.append(budget)
+    truth = [2e-3, 5.0, 3.0, 1e-2]
+    samples = {phase: [(features(p, config, phase, 256, 4), sum(w * x for w, x in zip(truth, features(
+        p, config, phase, 256, 4)))) for p in plans] for phase in ("decode", "prefill")}
+    model = CostModel.fit(samples, 256, 4)
+    assert model.residuals["decode"] < 1e-6
+    # Fewer layers, fewer channels and a KV budget are all predicted faster than dense.
+    for p in plans[1:]:
+        assert model.speedup(p, dense, config, "decode") > 1.0
+    # A budget does not speed up prefill; prefill dropping does.
+    assert model.speedup(budget, dense, config, "prefill") == pytest.approx(1.0)
+    keep = PruningPlan.dense(config)
+    keep.length = replace(keep.length, prefill_keep=[(0, 0.5)])
+    assert model.speedup(keep, dense, config, "prefill") > 1.2
+    with pytest.raises(ValueError, match="phase"):
+        features(dense, config, "train", 8, 1)
+
+
+def test_greedy_path_follows_the_best_trade_and_measures_combinations():
+    lattice = Lattice(depth=(0, 1, 2), width=(0.0, 0.1, 0.2), exit=(None,), prefill_keep=(1.0,), kv_budget=(0,))
+    seen = []
+
+    def measure(p: Point) -> Measured:
+        seen.append(p)
+        # Width is cheap in quality until depth is also pruned (an interaction a sum would miss).
+        quality = 1 + 0.10 * p.depth + (0.01 if p.depth == 0 else 0.2) * p.width * 10
+        return Measured(p, quality, 1 + 0.2 * p.depth + 0.1 * p.width * 10)
+
+    result = greedy_path(lattice, measure, max_quality=1.6)
+    labels = [m.point.label for m in result.path]
+    assert labels[:3] == ["dense", "width-0.10", "width-0.20"]      # 0.1 speed per 0.01 quality beats depth
+    assert labels[3] == "depth-1+width-0.20"
+    assert Point(depth=1, width=0.2) in seen and all(m["options"] for m in result.moves[:3])
+    front = pareto([measure(p) for p in set(seen)])
+    for a in front:
+        assert not any(b.quality <= a.quality and b.speedup > a.speedup for b in front)
+
+
+def test_greedy_path_skips_combinations_the_engine_cannot_run():
+    lattice = Lattice(depth=(0,), width=(0.0,), exit=(None, 0.9), prefill_keep=(1.0, 0.5), kv_budget=(0,))
+    measured = []
+
+    def measure(p: Point) -> Measured:
+        measured.append(p)
+        return Measured(p, 1.0 + 0.01 * len(p.axes), 1.0 + 0.5 * len(p.axes))
+
+    greedy_path(lattice, measure, max_quality=2.0)
+    assert all(p.runnable for p in measured)
+    assert not Point(exit=0.9, prefill_keep=0.5).runnable
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_model_dir, tmp_path_factory):
+    from trident.engine.calibration.planner import Settings, Target, run
+
+    out = tmp_path_factory.mktemp("plans")
+    lattice = Lattice(depth=(0, 1), width=(0.0, 0.25), exit=(None, 0.9), prefill_keep=(1.0, 0.5))
+    settings = Settings(context=48, continuation=8, passages=2, calibration_tokens=256, window=32, batch=2,
+                        timed_steps=2, rounds=1, prefill_recent=8, lattice=lattice)
+    report = run(str(tiny_model_dir), DATA_DIR / "wikitext2-valid.txt", out, Target(max_perplexity_increase=10.0),
+                 "long-context", settings, single_axis=True, check_levels=(100.0,))
+    return out, report
+
+
+def test_plan_writes_the_chosen_plan_the_profiles_and_a_report(planned, tiny_model_dir):
+    from trident.engine.config import EngineConfig
+    from trident.engine.llm import LLM
+    from trident.engine.sampling_params import SamplingParams
+
+    out, report = planned
+    assert json.loads((out / "plan-report.json").read_text())["workload"] == "long-context"
+    assert not (out / "candidates").exists()
+    assert set(report["profiles"]) == {"lossless", "balanced", "aggressive", "long-context"}
+    labels = {row["plan"] for row in report["points"]}
+    assert "dense" in labels and len(labels) == report["search"]["measured_points"]
+    # The search measured combinations, and the single-axis ladders were measured on their own.
+    assert any(len(row["axes"]) >= 2 for row in report["points"])
+    assert set(report["single_axis"]) == {"depth", "width", "exit", "prefill_keep", "kv_budget"}
+    # Every reported point has quality next to its predicted speed; timed ones a measured speed.
+    for row in report["points"]:
+        assert row["perplexity"] > 0 and 0 <= row["token_agreement"] <= 1 and row["predicted_decode_speedup"] > 0
+    assert report["chosen"]["perplexity_ratio"] <= 11.0 and "measured_decode_speedup" in report["chosen"]
+    assert report["profiles"]["lossless"]["plan"] == "dense"
+    # The long-context profile holds no more KV per sequence than any plan within its limit.
+    limit = 1.10
+    ok = [r["kv_bytes_long_context"] for r in report["points"] if r["perplexity_ratio"] <= limit]
+    assert report["profiles"]["long-context"]["kv_bytes_long_context"] == min(ok)
+    # Each written plan loads and serves on the model; lossless is greedy-identical to dense.
+    prompt = list(range(5, 30))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    dense = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32")).generate([prompt], params)
+    for name, path in report["plans"].items():
+        plan = PruningPlan.load(path)
+        llm = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", plan=path))
+        got = llm.generate([prompt], params)[0].outputs[0].token_ids
+        assert len(got) == 8, name
+        if name == "lossless":
+            assert plan.is_dense and got == dense[0].outputs[0].token_ids
+    assert "100.0" in report["levels"] and report["levels"]["100.0"]["joint"] is not None
+
+
+def test_a_composed_plan_prunes_every_axis_it_names(planned, tiny_model_dir):
+    from trident.engine.calibration.planner import Planner, Settings
+
+    out, report = planned
+    rows = {r["plan"]: r for r in report["points"]}
+    both = [r for r in rows.values() if {"depth", "width"} <= set(r["axes"])]
+    assert both, "the search reached a depth and width combination"
+    # Rebuild one combined point directly and check its shape.
+    lattice = Lattice(depth=(0, 1), width=(0.0, 0.25), exit=(None,), prefill_keep=(1.0, 0.5), kv_budget=(0, 24))
+    planner = Planner(str(tiny_model_dir), DATA_DIR / "wikitext2-valid.txt", out / "direct",
+                      Settings(context=48, continuation=8, passages=2, calibration_tokens=256, window=32, batch=2,
+                               timed_steps=2, rounds=1, prefill_recent=8, lattice=lattice))
+    point = Point(depth=1, width=0.25, prefill_keep=0.5, kv_budget=24)
+    plan = PruningPlan.load(planner.plan_file(point))
+    plan.validate(planner.config)
+    assert sum(not l.keep for l in plan.layers) == 1
+    assert any(l.kept_ffn_channels is not None for l in plan.layers if l.keep)
+    assert plan.length.kv_budget == 24 and plan.length.prefill_keep[0][1] == 0.5
+    assert plan.layers[plan.length.prefill_keep[0][0]].keep
+    assert planner.kv_bytes(point) < planner.kv_bytes(Point())
+    q = planner.quality(point)
+    assert q.ratio > 0 and q.flops_fraction < 1
+    with pytest.raises(ValueError, match="exits"):
+        planner.plan_file(Point(exit=0.9, kv_budget=24))
+
+
+def test_trident_plan_refuses_bad_targets(tiny_model_dir, tmp_path, capsys):
+    from trident.server.cli import main
+
+    assert main(["plan", "--model", str(tiny_model_dir), "--max-perplexity-increase", "-1",
+                 "--out", str(tmp_path)]) == 2
+    assert "must be >= 0" in capsys.readouterr().err
+    assert main(["plan", "--model", str(tiny_model_dir), "--flops-budget", "0.5", "--context", "0",
+                 "--out", str(tmp_path)]) == 2
+    assert "--context must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", str(tiny_model_dir), "--flops-budget", "0.5", "--target-speedup", "2"])
