@@ -40,7 +40,7 @@ from trident.engine.calibration.exits import calibrate_exits, default_exit_layer
 from trident.engine.calibration.search import (Lattice, Measured, SearchResult, best_within, cheapest_reaching,
                                                greedy_path, pareto)
 from trident.engine.calibration.statistics import collect_stats, importance
-from trident.engine.calibration.timing import lockstep_speed
+from trident.engine.calibration.timing import batch_params, lockstep_speed
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
 from trident.engine.loader import load_checkpoint
@@ -113,6 +113,9 @@ class Planner:
                             scheduler=SchedulerConfig(max_model_len=s.window + 1, max_num_batched_tokens=s.window))
         llm = LLM(base)
         self.config = llm.engine.model_config
+        # Depth settings that leave at least one layer.
+        s = self.settings = replace(s, lattice=replace(s.lattice, depth=tuple(
+            d for d in s.lattice.depth if d < self.config.num_layers)))
         self.out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
         self.work_dir = self.out_dir / "candidates"
         try:
@@ -233,7 +236,9 @@ class Planner:
         """Median (prefill tok/s, decode tok/s) of each point over the rounds, engines side by side."""
         s = self.settings
         llms = [self.engine(p, s.batch, s.context, s.timed_steps + 8) for p in points]
-        rounds = [lockstep_speed(llms, [self.speed_prompts] * len(llms), s.timed_steps, first=r, warm_up=r == 0)
+        for llm in llms:          # warm-up: one short prompt through every code path
+            llm.generate([self.speed_prompts[0][:s.context // 4 or 1]], batch_params(2))
+        rounds = [lockstep_speed(llms, [self.speed_prompts] * len(llms), s.timed_steps, first=r, warm_up=False)
                   for r in range(s.rounds)]
         del llms
         gc.collect()
@@ -246,6 +251,14 @@ class Planner:
         frac = self.quality(point).layer_fraction
         return {phase: self.cost.speedup(plan, self.dense_plan, self.config, phase, frac)
                 for phase in ("decode", "prefill")}
+
+    def cost_report(self) -> dict:
+        return {"features": FEATURES, "weights": self.cost.weights, "residuals": self.cost.residuals,
+                "probes": self.timing["probes"]}
+
+    def close(self) -> None:
+        """Remove the candidates' plan files (the written profiles stay)."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def measure(self, phase: str):
         def measure(point: Point) -> Measured:
@@ -289,13 +302,56 @@ def probe_points(lattice: Lattice) -> list[Point]:
     return probes
 
 
-def run(model: str, data: Path, out_dir: Path | None, target: Target, workload: str = "decode",
-        settings: Settings | None = None, single_axis: bool = False,
-        check_levels: tuple[float, ...] = ()) -> dict:
-    """The whole planning run; writes plans and `plan-report.json` into `out_dir`, returns the report.
+def explore(planner: Planner, phase: str, single_axis: bool = False) -> tuple[SearchResult, dict[str, list[Measured]]]:
+    """The greedy path for `phase` and, with `single_axis`, each axis's own ladder (the fronts the
+    joint one is compared with). Quality is cached in `planner`, so a second phase re-measures
+    nothing it already has."""
+    lattice = planner.settings.lattice
+    measure = planner.measure(phase)
+    search = greedy_path(lattice, measure, SEARCH_LIMIT)
+    singles: dict[str, list[Measured]] = {}
+    if single_axis:
+        for axis in AXES:
+            if len(lattice.ladder(axis)) > 1:
+                singles[axis] = [measure(Point())] + [measure(p) for p in lattice.single_axis(axis)]
+    return search, singles
 
-    single_axis: also measure each axis's own ladder (the fronts the joint one is compared with).
-    check_levels: quality ratios at which the joint front's and every axis's best plans are timed."""
+
+def profiles_of(planner: Planner, phase: str) -> dict[str, Point]:
+    """lossless (dense weights), balanced and aggressive (fastest on the front within their limits),
+    long-context (least KV memory per sequence at LONG_CONTEXT tokens within its limit)."""
+    every = [planner.measure(phase)(p) for p in planner.qualities]
+    front = pareto(every)
+    profiles = {"lossless": Point()}
+    for name, limit in PROFILE_LIMITS.items():
+        if name == "long-context":
+            ok = [m for m in every if m.quality <= limit]
+            best = min(ok, key=lambda m: (planner.kv_bytes(m.point), -m.speedup)) if ok else None
+        else:
+            best = best_within(front, limit)
+        profiles[name] = best.point if best else Point()
+    return profiles
+
+
+def describe(planner: Planner, point: Point, timed: dict[Point, tuple[float, float]]) -> dict:
+    """A point's quality, predicted speedups, KV memory and, when timed, measured speedups."""
+    q, pred = planner.quality(point), planner.predicted(point)
+    row = {"plan": point.label, "point": asdict(point), "axes": point.axes, "perplexity": q.perplexity,
+           "perplexity_ratio": q.ratio, "token_agreement": q.token_agreement,
+           "flops_fraction": q.flops_fraction, "predicted_decode_speedup": pred["decode"],
+           "predicted_prefill_speedup": pred["prefill"],
+           "kv_bytes_long_context": planner.kv_bytes(point),
+           "kv_fraction_long_context": planner.kv_bytes(point) / planner.kv_bytes(Point())}
+    if point in timed and Point() in timed:
+        (prefill_tps, decode_tps), (dense_prefill, dense_decode) = timed[point], timed[Point()]
+        row["measured_decode_speedup"] = decode_tps / dense_decode
+        row["measured_prefill_speedup"] = prefill_tps / dense_prefill
+    return row
+
+
+def run(model: str, data: Path, out_dir: Path | None, target: Target, workload: str = "decode",
+        settings: Settings | None = None) -> dict:
+    """The whole planning run; writes plans and `plan-report.json` into `out_dir`, returns the report."""
     target.check()
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {workload!r}")
@@ -304,81 +360,36 @@ def run(model: str, data: Path, out_dir: Path | None, target: Target, workload: 
     if not Path(data).is_file():
         raise ValueError(f"calibration data {data} is not a file")
     planner = Planner(model, Path(data), out_dir, settings)
-    lattice, phase = settings.lattice, WORKLOADS[workload]
-    planner.fit_cost(probe_points(lattice))
-    measure = planner.measure(phase)
-    search: SearchResult = greedy_path(lattice, measure, SEARCH_LIMIT)
-    singles: dict[str, list[Measured]] = {}
-    if single_axis:
-        for axis in AXES:
-            if len(lattice.ladder(axis)) > 1:
-                singles[axis] = [measure(Point())] + [measure(p) for p in lattice.single_axis(axis)]
-    every = [measure(p) for p in planner.qualities]
-    front = pareto(every)
+    settings = planner.settings
+    phase = WORKLOADS[workload]
+    planner.fit_cost(probe_points(settings.lattice))
+    search, _ = explore(planner, phase)
+    front = pareto([planner.measure(phase)(p) for p in planner.qualities])
     chosen = choose(front, target, planner)
+    profiles = profiles_of(planner, phase)
     out = planner.out_dir
-    profiles = {"lossless": Point()}
-    for name, limit in PROFILE_LIMITS.items():
-        if name == "long-context":
-            ok = [m for m in every if m.quality <= limit]
-            best = min(ok, key=lambda m: (planner.kv_bytes(m.point), -m.speedup))
-        else:
-            best = best_within(front, limit)
-        profiles[name] = best.point if best else Point()
-    written = {}
-    for name, point in profiles.items():
-        written[name] = str(planner.plan_file(point, out, name))
+    written = {name: str(planner.plan_file(point, out, name)) for name, point in profiles.items()}
     if chosen is not None:
         written["chosen"] = str(planner.plan_file(chosen.point, out, "chosen"))
-    # Timing check: the chosen plan, the profiles, and each axis's best at the check levels.
-    to_time = [Point()] + [p for p in profiles.values() if p != Point()]
-    if chosen is not None:
-        to_time.append(chosen.point)
-    level_best = {}
-    for level in check_levels:
-        level_best[level] = {"joint": best_within(front, level)}
-        for axis, points in singles.items():
-            level_best[level][axis] = best_within(pareto(points), level)
-        to_time += [m.point for m in level_best[level].values() if m is not None]
-    to_time = list(dict.fromkeys(to_time))
+    # The check: the chosen plan and the profiles timed against dense.
+    to_time = list(dict.fromkeys([Point()] + list(profiles.values()) + ([chosen.point] if chosen else [])))
     timed = dict(zip(to_time, planner.time_points(to_time)))
-    dense_prefill, dense_decode = timed[Point()]
-
-    def describe(point: Point) -> dict:
-        q, pred = planner.quality(point), planner.predicted(point)
-        row = {"plan": point.label, "point": asdict(point), "axes": point.axes, "perplexity": q.perplexity,
-               "perplexity_ratio": q.ratio, "token_agreement": q.token_agreement,
-               "flops_fraction": q.flops_fraction, "predicted_decode_speedup": pred["decode"],
-               "predicted_prefill_speedup": pred["prefill"],
-               "kv_bytes_long_context": planner.kv_bytes(point),
-               "kv_fraction_long_context": planner.kv_bytes(point) / planner.kv_bytes(Point())}
-        if point in timed:
-            prefill_tps, decode_tps = timed[point]
-            row["measured_decode_speedup"] = decode_tps / dense_decode
-            row["measured_prefill_speedup"] = prefill_tps / dense_prefill
-        return row
-
     report = {
         "model": planner.ingredients.llm.engine.model_name, "workload": workload, "phase": phase,
         "target": asdict(target), "settings": {k: v for k, v in asdict(settings).items() if k != "lattice"},
-        "lattice": asdict(lattice), "dense_perplexity": planner.dense_ppl,
-        "cost_model": {"features": FEATURES, "weights": planner.cost.weights, "residuals": planner.cost.residuals,
-                       "probes": planner.timing["probes"]},
+        "lattice": asdict(settings.lattice), "dense_perplexity": planner.dense_ppl,
+        "cost_model": planner.cost_report(),
         "search": {"method": "greedy numerical gradient (engine/calibration/search.py)",
                    "path": [m.point.label for m in search.path], "moves": search.moves,
                    "measured_points": len(planner.qualities)},
-        "points": [describe(p) for p in planner.qualities],
+        "points": [describe(planner, p, timed) for p in planner.qualities],
         "pareto": [m.point.label for m in front],
-        "single_axis": {axis: [m.point.label for m in points] for axis, points in singles.items()},
-        "chosen": describe(chosen.point) if chosen else None,
-        "profiles": {name: describe(point) for name, point in profiles.items()},
-        "levels": {str(level): {k: (describe(m.point) if m else None) for k, m in row.items()}
-                   for level, row in level_best.items()},
+        "chosen": describe(planner, chosen.point, timed) if chosen else None,
+        "profiles": {name: describe(planner, point, timed) for name, point in profiles.items()},
         "plans": written, "out_dir": str(out),
-        "timed": {"dense_prefill_tok_s": dense_prefill, "dense_decode_tok_s": dense_decode,
+        "timed": {"dense_prefill_tok_s": timed[Point()][0], "dense_decode_tok_s": timed[Point()][1],
                   "batch": settings.batch, "context": settings.context},
     }
     (out / "plan-report.json").write_text(json.dumps(report, indent=1))
-    shutil.rmtree(planner.work_dir, ignore_errors=True)
+    planner.close()
     return report
-
