@@ -12,7 +12,8 @@ prompt, a repeated prompt, a preempted sequence coming back) reuses those blocks
 admitted in the same step (the n completions of one request) each compute theirs. A block whose ref
 count drops to 0 goes back to the free list but keeps its hash until it is handed out again, so a
 later request can still reuse it. Prefix caching only shares blocks no policy has changed: a
-sequence that prunes its length neither publishes its blocks nor reuses others'.
+sequence that prunes its length neither publishes its blocks nor reuses others'. The chain starts
+from the sequence's `cache_salt`, so sequences of different served variants never share a block.
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.block_table or seq.wants_prompt_logprobs or seq.prunes_length:
             return 0
-        h = 0
+        h = seq.cache_salt
         for start in range(0, seq.num_tokens - self.block_size, self.block_size):
             h = hash((h, tuple(seq.token_ids[start:start + self.block_size])))
             block = self.cached.get(h)
@@ -172,7 +173,7 @@ class BlockManager:
         exact = seq.num_computed_tokens if seq.exact_kv_tokens is None else seq.exact_kv_tokens
         num_full = min(exact, seq.num_tokens) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
-            prev = seq.block_hashes[-1] if seq.block_hashes else 0
+            prev = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             h = hash((prev, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])))
             seq.block_hashes.append(h)
             block = seq.block_table[i]

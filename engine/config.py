@@ -112,6 +112,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     plan: str | None = None              # pruning plan: a JSON file or a profile name; None = unpruned
+    plans: tuple[str, ...] = ()          # several plans served side by side (engine/variants.py); the first is the default
     speculative: SpeculativeConfig | None = None   # None = speculative decoding off
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

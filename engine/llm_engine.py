@@ -19,13 +19,14 @@ from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, Laye
 from trident.engine.pruning.apply import apply_plan
 from trident.engine.pruning.length import DENSE_PROFILE, LOSSLESS_PROFILE, resolve_request
 from trident.engine.pruning.plan import LengthPolicy
-from trident.engine.pruning.profiles import resolve_plan
+from trident.engine.pruning.profiles import PROFILES, resolve_plan
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.scheduler import Scheduler
 from trident.engine.sequence import Sequence
 from trident.engine.speculative import draft_skip_layers, speculation_blocker
 from trident.engine.step_pruning import ExitProbe
 from trident.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from trident.engine.variants import GroupedRunner, Variant, caches_for, kv_heads_per_layer, share_unsliced, unshared_bytes
 from trident.kernels import cpu_gemm
 from trident.kernels.attention import decode_computes_all_heads
 from trident.kernels.linear import Linear
@@ -49,38 +50,38 @@ class LLMEngine:
         dtype = DTYPES[self.dtype]
         context = ckpt.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
-        state = ckpt.state_dict
-        self.plan = resolve_plan(config.plan, ckpt.config, self.model_name) if config.plan else None
-        if self.plan is not None:
-            state = apply_plan(state, ckpt.config, self.plan)
-        self.model = LlamaModel.from_hf_state_dict(ckpt.config, state, self.max_model_len, dtype, self.device)
+        self.variants = self._load_variants(ckpt, dtype)
+        default = self.variants[0]
+        self.plan, self.model, self.exits = default.plan, default.model, default.exits
         self._configure_cpu_gemm()
         kv_caches, num_blocks = self._allocate_kv_cache(dtype)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.output = OutputProcessor(self.scheduler, self.tokenizer, self.max_model_len, self.plan is not None)
-        shapes: list[LayerShape | None] = [None] * ckpt.config.num_layers
+        self.output = OutputProcessor(self.scheduler, self.tokenizer, self.max_model_len,
+                                      any(v.plan is not None for v in self.variants))
         all_heads = decode_computes_all_heads(self.device)   # the CPU decode path, which also pads keys
-        for layer in self.model.layers:
-            spec = layer.spec
-            # Ragged layers on CPU decode with every slot of their virtual head layout.
-            decode_heads = spec.num_kv_heads * layer.self_attn.group if spec.ragged_groups and all_heads else None
-            shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, decode_heads)
-        self.runner = ModelRunner(self.model, kv_caches, config.cache.block_size, self.device,
-                                  FlopCounter(ckpt.config, shapes, decode_pads=all_heads))
-        # Early exit: the plan's exit points, each a probe on the final-normed state.
-        self.exits = {i: layer.exit for i, layer in enumerate(self.plan.layers) if layer.exit is not None} \
-            if self.plan is not None else {}
-        if self.exits and (self.plan.length.is_active or config.speculative is not None):
-            raise ValueError("a plan with early exits does not combine with length pruning or speculative "
-                             "decoding yet")
-        self.runner.exit_probes = {i: ExitProbe(torch.tensor(e.probe_weight, dtype=torch.float32, device=self.device),
-                                                float(e.probe_bias), float(e.temperature)) for i, e in self.exits.items()}
+        for v in self.variants:
+            shapes: list[LayerShape | None] = [None] * ckpt.config.num_layers
+            for layer in v.model.layers:
+                spec = layer.spec
+                # Ragged layers on CPU decode with every slot of their virtual head layout.
+                decode_heads = spec.num_kv_heads * layer.self_attn.group if spec.ragged_groups and all_heads else None
+                shapes[spec.index] = LayerShape(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, decode_heads)
+            v.runner = ModelRunner(v.model, caches_for(v.model, kv_caches), config.cache.block_size, self.device,
+                                   FlopCounter(ckpt.config, shapes, decode_pads=all_heads))
+            # Early exit: the plan's exit points, each a probe on the final-normed state.
+            if v.exits and (v.plan.length.is_active or (config.speculative is not None and v is default)):
+                raise ValueError("a plan with early exits does not combine with length pruning or speculative "
+                                 "decoding yet")
+            v.runner.exit_probes = {i: ExitProbe(torch.tensor(e.probe_weight, dtype=torch.float32, device=self.device),
+                                                 float(e.probe_bias), float(e.temperature)) for i, e in v.exits.items()}
+        self.runner = default.runner if len(self.variants) == 1 else \
+            GroupedRunner(self.variants, [c for c in kv_caches if c is not None], self.device)
         self.draft_skip: list[int] = []                         # layers a speculative draft skips
         if config.speculative is not None:
             if self.plan is not None and self.plan.length.is_active:
                 raise ValueError("speculative decoding does not combine with a plan that prunes length")
-            self.set_draft(draft_skip_layers(config.speculative.draft, ckpt.config, self.model_name))
+            self.set_draft(draft_skip_layers(config.speculative.draft, ckpt.config, self.model_name))     # first plan
             log.info("speculative decoding: the draft skips layers %s, %d tokens per step", self.draft_skip,
                      config.speculative.num_draft_tokens)
         self.total_flops = FlopCount()                          # since start, all requests
@@ -105,9 +106,37 @@ class LLMEngine:
         rows = self.config.scheduler.max_num_seqs * (1 + (speculative.num_draft_tokens if speculative else 0))
         cpu_gemm.configure(self.config.cpu_gemm, weights, rows, cache_root())
 
+    def _load_variants(self, ckpt, dtype) -> list[Variant]:
+        """The served plans (`plans`, else `plan`, else the unpruned model), each sliced from the
+        checkpoint; the embedding, final norm and LM head are the first one's tensors."""
+        config = self.config
+        names = list(config.plans) or ([config.plan] if config.plan else [None])
+        if config.plan and config.plans:
+            raise ValueError("give one plan (plan) or several (plans), not both")
+        variants, seen = [], set()
+        for name in names:
+            plan = resolve_plan(name, ckpt.config, self.model_name) if name else None
+            state = apply_plan(ckpt.state_dict, ckpt.config, plan) if plan is not None else ckpt.state_dict
+            model = LlamaModel.from_hf_state_dict(ckpt.config, state, self.max_model_len, dtype, self.device)
+            label = "dense" if plan is None else (name if name in PROFILES else plan.name)
+            if any(v.name == label for v in variants):
+                raise ValueError(f"two served plans are both named {label!r}: give each plan a distinct name")
+            if variants:
+                share_unsliced(variants[0].model, model)
+            exits = {i: layer.exit for i, layer in enumerate(plan.layers) if layer.exit is not None} if plan else {}
+            variant = Variant(label, plan, model, exits=exits, cache_salt=hash(("variant", label)) if variants else 0)
+            variant.weight_bytes = unshared_bytes(model, seen)
+            variants.append(variant)
+        if len(variants) > 1:
+            log.info("serving %d plans: %s", len(variants),
+                     ", ".join(f"{v.name} ({v.weight_bytes / 2**20:.0f} MiB)" for v in variants))
+        return variants
+
     def _allocate_kv_cache(self, dtype):
+        """One cache slot space for every served variant: per layer, as many KV heads as the
+        widest variant keeps there (None where none keeps the layer)."""
         cfg, cache = self.model_config, self.config.cache
-        heads = [layer.self_attn.num_kv_heads for layer in self.model.layers]
+        heads = kv_heads_per_layer(self.variants, cfg.num_layers)
         bytes_per_slot = 2 * sum(heads) * cfg.head_dim * torch.finfo(dtype).bits // 8
         memory = cache.kv_cache_memory or max(AUTO_KV_MEMORY, AUTO_KV_SEQUENCES * self.max_model_len * bytes_per_slot)
         num_blocks = cache.num_blocks or memory // (bytes_per_slot * cache.block_size)
@@ -117,7 +146,8 @@ class LLMEngine:
                              f"lower max_model_len")
         slots = num_blocks * cache.block_size
         kv_caches = [(torch.zeros(slots, h, cfg.head_dim, dtype=dtype, device=self.device),
-                      torch.zeros(slots, h, cfg.head_dim, dtype=dtype, device=self.device)) for h in heads]
+                      torch.zeros(slots, h, cfg.head_dim, dtype=dtype, device=self.device)) if h else None
+                     for h in heads]
         return kv_caches, num_blocks
 
     def set_draft(self, skip: list[int]) -> None:
@@ -129,7 +159,7 @@ class LLMEngine:
         if not present:
             raise ValueError("the speculative draft skips every layer")
         self.draft_skip = sorted(skip)
-        self.runner.draft_layers = present
+        self.variants[0].runner.draft_layers = present
 
     # ------------------------------------------------------------------ requests
 
@@ -162,12 +192,25 @@ class LLMEngine:
                              f"({n + max_tokens} in total)")
         return max_tokens
 
+    def variant_for(self, params: SamplingParams) -> Variant:
+        """The served plan a request runs: the one its `pruning.profile` names, else the first.
+        ValueError for a profile that is neither a served plan nor a dynamic profile."""
+        profile = params.pruning.profile if params.pruning is not None else None
+        for v in self.variants:
+            if v.name == profile:
+                return v
+        if profile is not None and profile not in (DENSE_PROFILE, LOSSLESS_PROFILE) and len(self.variants) > 1:
+            raise ValueError(f"pruning.profile {profile!r} is not served here; served plans: "
+                             f"{[v.name for v in self.variants]}, or {DENSE_PROFILE!r} / {LOSSLESS_PROFILE!r} "
+                             f"(no dynamic pruning / speculative decoding on {self.variants[0].name!r})")
+        return self.variants[0]
+
     def length_policy(self, params: SamplingParams) -> LengthPolicy:
-        """The length-axis policy a request runs: the plan's, changed by its `pruning` object."""
-        served = self.plan.length if self.plan is not None else LengthPolicy()
-        kept = [layer.keep for layer in self.plan.layers] if self.plan is not None else [True] * self.model_config.num_layers
-        return resolve_request(params.pruning, served, self.plan.name if self.plan is not None else None,
-                               self.model_config.num_layers, kept)
+        """The length-axis policy a request runs: its plan's, changed by its `pruning` object."""
+        v = self.variant_for(params)
+        served = v.plan.length if v.plan is not None else LengthPolicy()
+        return resolve_request(params.pruning, served, v.name if v.plan is not None or len(self.variants) > 1 else None,
+                               self.model_config.num_layers, v.kept_layers)
 
     def draft_tokens(self, params: SamplingParams, policy: LengthPolicy) -> int:
         """Tokens a request drafts per step (0: no speculation): the server's default, changed by
@@ -187,6 +230,11 @@ class LLMEngine:
         if served is None:
             raise ValueError("speculative decoding is not served here: start the server with --speculative-draft "
                              "(a depth plan such as depth-4, or layers to skip)")
+        if self.variant_for(params) is not self.variants[0]:
+            if asked:
+                raise ValueError(f"speculative decoding runs on the first served plan ({self.variants[0].name!r}) "
+                                 f"only")
+            return 0
         k = request.num_draft_tokens if request is not None and request.num_draft_tokens is not None \
             else served.num_draft_tokens
         if not 1 <= k <= MAX_DRAFT_TOKENS:
@@ -219,9 +267,10 @@ class LLMEngine:
             if asked:
                 raise ValueError("pruning.profile 'dense' runs no dynamic pruning: drop early_exit and exit_threshold")
             return None
-        if not asked and not self.exits:
+        exits = self.variant_for(params).exits
+        if not asked and not exits:
             return None
-        if not self.exits:
+        if not exits:
             raise ValueError("the served plan has no exit points: serve a plan with exits (`trident calibrate "
                              "--exit-layers ...` writes exit.json) to use pruning.early_exit or exit_threshold")
         threshold = request.exit_threshold if request is not None else None
@@ -236,7 +285,7 @@ class LLMEngine:
             if asked:
                 raise ValueError(f"early exit does not combine with {conflict} yet: turn one of them off")
             return None     # the plan's default exits step aside for what the request asked instead
-        return {i: e.threshold if threshold is None else float(threshold) for i, e in self.exits.items()}
+        return {i: e.threshold if threshold is None else float(threshold) for i, e in exits.items()}
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -246,9 +295,11 @@ class LLMEngine:
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
             policy = self.length_policy(child)
+            variant = self.variant_for(child)
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), child, max_tokens,
                            length=policy, num_draft_tokens=self.draft_tokens(child, policy),
-                           exit_thresholds=self.exit_thresholds(child, policy))
+                           exit_thresholds=self.exit_thresholds(child, policy),
+                           variant=variant.name if len(self.variants) > 1 else None, cache_salt=variant.cache_salt)
             if child.min_tokens:
                 eos = () if child.ignore_eos else self.tokenizer.eos_token_ids
                 seq.min_tokens_banned = sorted({*child.stop_token_ids, *eos})

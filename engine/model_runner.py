@@ -47,6 +47,16 @@ class RunnerOutput:
     step_flops: FlopCount = field(default_factory=FlopCount)                # the whole step
     kv_updates: dict[int, KvUpdate] = field(default_factory=dict)           # seq_id -> length-axis decisions
 
+    def merge(self, other: "RunnerOutput") -> None:
+        """Add another group's output of the same step (engine/variants.py runs one per variant)."""
+        for name in ("sampled", "logprobs", "accepted_drafts", "prompt_logprobs", "flops", "kv_updates"):
+            getattr(self, name).update(getattr(other, name))
+        self.exited |= other.exited
+        self.draft_time += other.draft_time
+        self.num_tokens += other.num_tokens
+        self.step_time += other.step_time
+        self.step_flops.add(other.step_flops)
+
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],

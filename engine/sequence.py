@@ -38,6 +38,8 @@ class Sequence:
     num_draft_tokens: int = 0                # speculative decoding: tokens drafted per step (0 = off)
     exit_thresholds: dict[int, float] | None = None   # early exit: exit layer -> probe threshold (None = off)
     exact_kv_tokens: int | None = None       # tokens before the first early exit (None: no exit yet)
+    variant: str | None = None               # the loaded plan it runs (engine/variants.py); None: the only one
+    cache_salt: int = 0                      # seeds its prefix-cache hash chain: variants never share blocks
     # The sequence's keys in the paged cache, in increasing original position: the length axis
     # removes entries (dropped or evicted tokens) but never renumbers them. One list serves every
     # layer; kv_depth says how deep each key goes.

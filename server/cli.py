@@ -45,7 +45,10 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="require `Authorization: Bearer KEY` (default: $TRIDENT_API_KEY; unset = open)")
     add("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
         help="weights and KV cache dtype (default auto: bfloat16 on CUDA and on CPUs with bf16 matrix units, else float32)")
-    add("--plan", help="pruning plan: a profile (dense, balanced, aggressive) or a plan JSON file")
+    add("--plan", help="pruning plan: a profile (dense, lossless, balanced, aggressive, long-context) or a plan "
+        "JSON file")
+    add("--plans", help="several plans served side by side, comma-separated profiles or files; a request picks one "
+        "with {\"pruning\": {\"profile\": NAME}} (default: the first). They share one scheduler and KV cache")
     add("--speculative-draft", help="lossless self-speculative decoding: the draft skips the layers a depth plan "
         "drops (a profile such as depth-4 from `trident calibrate`, or a plan file) or comma-separated layer indices "
         "(default: off)")
@@ -262,7 +265,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise ValueError("--num-draft-tokens needs --speculative-draft")
     speculative = None if args.speculative_draft is None else \
         SpeculativeConfig(args.speculative_draft, **given(num_draft_tokens=args.num_draft_tokens))
-    return EngineConfig(model=args.model, device=device, cache=cache, scheduler=scheduler, plan=args.plan,
+    if args.plan and args.plans:
+        raise ValueError("give --plan or --plans, not both")
+    plans = tuple(p.strip() for p in (args.plans or "").split(",") if p.strip())
+    return EngineConfig(model=args.model, device=device, cache=cache, scheduler=scheduler, plan=args.plan, plans=plans,
                         speculative=speculative, **given(dtype=args.dtype, seed=args.seed, cpu_gemm=args.cpu_gemm))
 
 
@@ -313,10 +319,11 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         config = engine_config_from_args(args)
         resolve_model_path(args.model)                  # a missing path or package: exit 2 now
-        if args.plan and args.plan not in PROFILES:
-            if not Path(args.plan).is_file():
-                raise ValueError(f"--plan {args.plan!r} is neither a profile ({', '.join(PROFILES)}) nor a file")
-            PruningPlan.load(Path(args.plan))          # PlanError (a ValueError) before the model loads
+        for flag, plan in [("--plan", args.plan)] * bool(args.plan) + [("--plans", p) for p in config.plans]:
+            if plan not in PROFILES:
+                if not Path(plan).is_file():
+                    raise ValueError(f"{flag} {plan!r} is neither a profile ({', '.join(PROFILES)}) nor a file")
+                PruningPlan.load(Path(plan))           # PlanError (a ValueError) before the model loads
     except ValueError as exc:
         print(f"trident serve: {exc}", file=sys.stderr)
         return 2

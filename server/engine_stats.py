@@ -55,7 +55,8 @@ class EngineStats:
         """Binds `metrics` to the loaded engine's model and starts observing its steps."""
         engine = async_engine.engine
         metrics.bind(model_name, engine.max_model_len, engine.model_config.num_layers,
-                     plan_labels(engine.plan, engine.config.plan))
+                     plan_labels(engine.plan, engine.config.plan or (engine.config.plans or [None])[0]),
+                     {v.name: v.weight_bytes for v in engine.variants})
         stats = cls(metrics, async_engine)
         stats._wrap()
         stats.refresh()

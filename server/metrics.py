@@ -84,8 +84,10 @@ class ServerMetrics:
     def _family(self, kind, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs):
         return kind(f"trident:{name}", doc, ["model_name", *labels], registry=self.registry, **kwargs)
 
-    def bind(self, model_name: str, max_model_len: int, num_layers: int, plan_info: dict[str, str]) -> None:
-        """Creates the model's series, each at zero, for the served `model_name`."""
+    def bind(self, model_name: str, max_model_len: int, num_layers: int, plan_info: dict[str, str],
+             plan_weights: dict[str, int] | None = None) -> None:
+        """Creates the model's series, each at zero, for the served `model_name`. `plan_weights`:
+        per served plan (`--plans`), the bytes of weights it holds beyond the ones it shares."""
         f, m = self._family, model_name
         self.model = m
         # Scheduler state (set after every engine step and at scrape time). Several workers: summed
@@ -151,6 +153,11 @@ class ServerMetrics:
         self.plan_info = f(Gauge, "pruning_plan_info", "The active pruning plan (value 1)",
                            ("name", "profile", "checkpoint_digest"), multiprocess_mode="livemax")
         self.plan_info.labels(m, plan_info["name"], plan_info["profile"], plan_info["checkpoint_digest"]).set(1)
+        self.plan_weight_bytes = f(Gauge, "plan_weight_bytes", "Weight bytes each served plan holds beyond the "
+                                   "tensors it shares with the first (embedding, LM head)", ("plan",),
+                                   multiprocess_mode="livemax")
+        for name, size in (plan_weights or {}).items():
+            self.plan_weight_bytes.labels(m, name).set(size)
         for family in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                        self.num_preemptions, self.engine_busy_seconds, self.prompt_tokens, self.generation_tokens,
                        self.time_to_first_token, self.inter_token_latency, self.e2e_request_latency,
