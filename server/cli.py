@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--data", default=str(DEFAULT_CALIBRATION_DATA), help="text: statistics from its start, "
                       "held-out passages from its end (default %(default)s)")
     plan.add_argument("--out", help="output folder (default: where --plan PROFILE looks)")
-    plan.add_argument("--context", type=int, default=Settings.context,
-                      help="prompt tokens of each quality passage and timed sequence (default %(default)s)")
+    plan.add_argument("--context", type=int, help="prompt tokens of each quality passage and timed sequence "
+                      "(default: 1024, 4096 for long-context)")
     plan.add_argument("--continuation", type=int, default=Settings.continuation,
                       help="teacher-forced tokens scored after each prompt (default %(default)s)")
     plan.add_argument("--passages", type=int, default=Settings.passages,
@@ -213,10 +213,12 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from trident.engine.calibration.planner import Target, run
+    from trident.engine.calibration.planner import WORKLOAD_CONTEXT, Target, run
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     target = Target(args.max_perplexity_increase, args.target_speedup, args.flops_budget)
+    if args.context is None:
+        args.context = WORKLOAD_CONTEXT[args.workload]
     sizes = {"context": args.context, "continuation": args.continuation, "passages": args.passages,
              "tokens": args.tokens, "batch": args.batch}
     small = [f"--{k}" for k, v in sizes.items() if v < 1]

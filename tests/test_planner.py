@@ -87,7 +87,7 @@ def planned(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("plans")
     lattice = Lattice(depth=(0, 1), width=(0.0, 0.25), exit=(None, 0.9), prefill_keep=(1.0, 0.5))
     settings = Settings(context=48, continuation=8, passages=2, calibration_tokens=256, window=32, batch=2,
-                        timed_steps=2, rounds=1, prefill_recent=8, lattice=lattice)
+                        timed_steps=2, rounds=1, prefill_recent=8, lattice=lattice, search_limit=1e9)
     report = run(str(tiny_model_dir), DATA_DIR / "wikitext2-valid.txt", out, Target(max_perplexity_increase=10.0),
                  "long-context", settings)
     return out, report
@@ -152,6 +152,22 @@ def test_a_composed_plan_prunes_every_axis_it_names(planned, tiny_model_dir):
     assert q.ratio > 0 and q.flops_fraction < 1
     with pytest.raises(ValueError, match="exits"):
         planner.plan_file(Point(exit=0.9, kv_budget=24))
+
+
+def test_trident_plan_writes_profiles_a_user_can_serve(tiny_model_dir, tmp_path, capsys):
+    from trident.server.cli import main
+
+    code = main(["plan", "--model", str(tiny_model_dir), "--target-speedup", "1.01", "--workload", "prefill",
+                 "--context", "48", "--continuation", "8", "--passages", "2", "--tokens", "256", "--batch", "2",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "plan-report.json" in out
+    report = json.loads((tmp_path / "plan-report.json").read_text())
+    assert report["workload"] == "prefill" and report["lattice"]["kv_budget"] == [0]
+    for name in ("lossless", "balanced", "aggressive", "long-context"):
+        assert (tmp_path / f"{name}.json").is_file() and name in out
+    if code == 0:      # a plan reached the speedup: the best-quality one that did
+        assert report["chosen"]["predicted_prefill_speedup"] >= 1.01
 
 
 def test_trident_plan_refuses_bad_targets(tiny_model_dir, tmp_path, capsys):

@@ -50,6 +50,7 @@ from trident.engine.pruning.profiles import profile_dir
 log = logging.getLogger(__name__)
 
 WORKLOADS = {"decode": "decode", "prefill": "prefill", "long-context": "decode"}   # workload -> timed phase
+WORKLOAD_CONTEXT = {"decode": 1024, "prefill": 1024, "long-context": 4096}          # default prompt tokens
 PROFILE_LIMITS = {"balanced": 1.05, "aggressive": 1.15, "long-context": 1.10}       # perplexity ratio to dense
 LONG_CONTEXT = 4096            # tokens per sequence the long-context profile's KV memory is counted at
 SEARCH_LIMIT = 1.30            # the search stops past this perplexity ratio
@@ -91,6 +92,7 @@ class Settings:
     rounds: int = 2                # timing rounds (the first engine rotates)
     dtype: str = "float32"
     prefill_recent: int = 128      # prompt tokens prefill dropping always keeps at the end
+    search_limit: float = SEARCH_LIMIT   # the search stops past this perplexity ratio
     lattice: Lattice = field(default_factory=Lattice)
 
 
@@ -108,7 +110,7 @@ class Planner:
 
     def __init__(self, model: str, data: Path, out_dir: Path | None, settings: Settings) -> None:
         self.model, self.settings = model, settings
-        s = settings
+        s = settings = replace(settings, window=min(settings.window, settings.calibration_tokens))
         base = EngineConfig(model=model, dtype=s.dtype, cache=CacheConfig(enable_prefix_caching=False),
                             scheduler=SchedulerConfig(max_model_len=s.window + 1, max_num_batched_tokens=s.window))
         llm = LLM(base)
@@ -308,7 +310,7 @@ def explore(planner: Planner, phase: str, single_axis: bool = False) -> tuple[Se
     nothing it already has."""
     lattice = planner.settings.lattice
     measure = planner.measure(phase)
-    search = greedy_path(lattice, measure, SEARCH_LIMIT)
+    search = greedy_path(lattice, measure, planner.settings.search_limit)
     singles: dict[str, list[Measured]] = {}
     if single_axis:
         for axis in AXES:
