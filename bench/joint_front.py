@@ -106,8 +106,6 @@ def markdown_table(result: dict) -> str:
             best_single = max((r for a, r in entry.items() if a != "joint" and r),
                               key=lambda r: r[f"measured_{phase}_speedup"], default=None)
             for name, r in entry.items():
-                if r is None:
-                    continue
                 gain = ""
                 if name == "joint" and best_single:
                     gain = f"{r[f'measured_{phase}_speedup'] / best_single[f'measured_{phase}_speedup'] - 1:+.0%}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -17,7 +18,7 @@ from trident.engine.output_processor import OutputProcessor, Request
 from trident.engine.outputs import RequestOutput
 from trident.engine.pruning.accounting import AXES, FlopCount, FlopCounter, LayerShape
 from trident.engine.pruning.apply import apply_plan
-from trident.engine.pruning.length import DENSE_PROFILE, LOSSLESS_PROFILE, resolve_request
+from trident.engine.pruning.length import DENSE_PROFILE, LOSSLESS_PROFILE, RequestPruning, resolve_request
 from trident.engine.pruning.plan import LengthPolicy
 from trident.engine.pruning.profiles import PROFILES, resolve_plan
 from trident.engine.sampling_params import SamplingParams
@@ -205,18 +206,29 @@ class LLMEngine:
                              f"(no dynamic pruning / speculative decoding on {self.variants[0].name!r})")
         return self.variants[0]
 
+    def _dynamic(self, params: SamplingParams) -> RequestPruning | None:
+        """A request's `pruning` object as the dynamic settings see it: a profile that named a served
+        plan has done its work by choosing it (so a plan served as `lossless` is that plan, not
+        speculative decoding); `dense` keeps its meaning, no dynamic pruning."""
+        request = params.pruning
+        if request is None or request.profile in (None, DENSE_PROFILE) or len(self.variants) == 1 \
+                or request.profile not in {v.name for v in self.variants}:
+            return request
+        return replace(request, profile=None)
+
     def length_policy(self, params: SamplingParams) -> LengthPolicy:
         """The length-axis policy a request runs: its plan's, changed by its `pruning` object."""
         v = self.variant_for(params)
         served = v.plan.length if v.plan is not None else LengthPolicy()
-        return resolve_request(params.pruning, served, v.name if v.plan is not None or len(self.variants) > 1 else None,
+        return resolve_request(self._dynamic(params), served,
+                               v.name if v.plan is not None or len(self.variants) > 1 else None,
                                self.model_config.num_layers, v.kept_layers)
 
     def draft_tokens(self, params: SamplingParams, policy: LengthPolicy) -> int:
         """Tokens a request drafts per step (0: no speculation): the server's default, changed by
         its `pruning` object; `policy` is its length policy. ValueError for speculation asked for
         where it cannot run."""
-        request, served = params.pruning, self.config.speculative
+        request, served = self._dynamic(params), self.config.speculative
         asked = request is not None and (request.speculative or request.num_draft_tokens is not None
                                          or request.profile == LOSSLESS_PROFILE)
         if request is not None and request.speculative is False:
@@ -252,7 +264,7 @@ class LLMEngine:
         """A request's early exits (exit layer -> probe threshold), or None: the plan's, changed by
         its `pruning` object; `policy` is its length policy. ValueError for exits asked for where
         they cannot run."""
-        request = params.pruning
+        request = self._dynamic(params)
         asked = request is not None and (request.early_exit or request.exit_threshold is not None)
         if request is not None and request.early_exit is False:
             if request.exit_threshold is not None:

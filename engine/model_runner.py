@@ -58,6 +58,18 @@ class RunnerOutput:
         self.step_flops.add(other.step_flops)
 
 
+def copy_slots(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[list[int], list[int]]],
+               device: torch.device) -> None:
+    """Move compacted sequences' K/V in every layer, in order (a later copy may read what an
+    earlier one vacated)."""
+    for src, dst in copies:
+        src_t = torch.tensor(src, dtype=torch.long, device=device)
+        dst_t = torch.tensor(dst, dtype=torch.long, device=device)
+        for k_cache, v_cache in kv_caches:
+            k_cache.index_copy_(0, dst_t, k_cache.index_select(0, src_t))
+            v_cache.index_copy_(0, dst_t, v_cache.index_select(0, src_t))
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  block_size: int, device: torch.device, flop_counter: FlopCounter) -> None:
@@ -80,14 +92,7 @@ class ModelRunner:
         self.sampler: Callable[[torch.Tensor, list], tuple[list[int], list]] = sample
 
     def copy_kv(self, copies: list[tuple[list[int], list[int]]]) -> None:
-        """Move compacted sequences' K/V in every layer, in order (a later copy may read what an
-        earlier one vacated)."""
-        for src, dst in copies:
-            src_t = torch.tensor(src, dtype=torch.long, device=self.device)
-            dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)
-            for k_cache, v_cache in self.kv_caches:
-                k_cache.index_copy_(0, dst_t, k_cache.index_select(0, src_t))
-                v_cache.index_copy_(0, dst_t, v_cache.index_select(0, src_t))
+        copy_slots(self.kv_caches, copies, self.device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trident.engine.model import LlamaModel
-from trident.engine.model_runner import ModelRunner, RunnerOutput
+from trident.engine.model_runner import ModelRunner, RunnerOutput, copy_slots
 from trident.engine.pruning.plan import ExitPoint, PruningPlan
 from trident.engine.scheduler import SchedulerOutput
 
@@ -102,12 +102,7 @@ class GroupedRunner:
 
     def copy_kv(self, copies: list[tuple[list[int], list[int]]]) -> None:
         """Compaction moves slots in every layer of the shared cache, whatever the variant."""
-        for src, dst in copies:
-            src_t = torch.tensor(src, dtype=torch.long, device=self.device)
-            dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)
-            for k_cache, v_cache in self.caches:
-                k_cache.index_copy_(0, dst_t, k_cache.index_select(0, src_t))
-                v_cache.index_copy_(0, dst_t, v_cache.index_select(0, src_t))
+        copy_slots(self.caches, copies, self.device)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         self.copy_kv(sched.kv_copies)

@@ -43,6 +43,9 @@ def test_cost_model_recovers_the_weights_of_timed_steps(tiny_model_dir):
     keep = PruningPlan.dense(config)
     keep.length = replace(keep.length, prefill_keep=[(0, 0.5)])
     assert model.speedup(keep, dense, config, "prefill") > 1.2
+    # Exits shorten decode rows only: half the layers per decode token, no prefill gain.
+    assert model.speedup(dense, dense, config, "decode", layer_fraction=0.5) > 1.1
+    assert model.speedup(dense, dense, config, "prefill", layer_fraction=0.5) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="phase"):
         features(dense, config, "train", 8, 1)
 
@@ -59,12 +62,16 @@ def test_greedy_path_follows_the_best_trade_and_measures_combinations():
 
     result = greedy_path(lattice, measure, max_quality=1.6)
     labels = [m.point.label for m in result.path]
-    assert labels[:3] == ["dense", "width-0.10", "width-0.20"]      # 0.1 speed per 0.01 quality beats depth
-    assert labels[3] == "depth-1+width-0.20"
+    assert labels[:3] == ["dense", "width-0.1", "width-0.2"]      # 0.1 speed per 0.01 quality beats depth
+    assert labels[3] == "depth-1+width-0.2"
     assert Point(depth=1, width=0.2) in seen and all(m["options"] for m in result.moves[:3])
-    front = pareto([measure(p) for p in set(seen)])
-    for a in front:
-        assert not any(b.quality <= a.quality and b.speedup > a.speedup for b in front)
+    every = [measure(p) for p in set(seen)]
+    front = pareto(every)
+    for a in front:            # nothing measured beats a front point on both counts
+        assert not any(b.quality <= a.quality and b.speedup > a.speedup for b in every)
+    for b in every:            # and every point off the front is beaten by one on it
+        assert b.point in {a.point for a in front} or \
+            any(a.quality <= b.quality and a.speedup >= b.speedup for a in front)
 
 
 def test_greedy_path_skips_combinations_the_engine_cannot_run():
@@ -152,22 +159,36 @@ def test_a_composed_plan_prunes_every_axis_it_names(planned, tiny_model_dir):
     assert q.ratio > 0 and q.flops_fraction < 1
     with pytest.raises(ValueError, match="exits"):
         planner.plan_file(Point(exit=0.9, kv_budget=24))
+    planner.close()
+    assert not planner.work_dir.exists()
 
 
 def test_trident_plan_writes_profiles_a_user_can_serve(tiny_model_dir, tmp_path, capsys):
+    from trident.engine.config import EngineConfig
+    from trident.engine.llm import LLM
+    from trident.engine.sampling_params import SamplingParams
     from trident.server.cli import main
 
-    code = main(["plan", "--model", str(tiny_model_dir), "--target-speedup", "1.01", "--workload", "prefill",
-                 "--context", "48", "--continuation", "8", "--passages", "2", "--tokens", "256", "--batch", "2",
-                 "--out", str(tmp_path)])
+    (tmp_path / "balanced.json").write_text("{}")           # an earlier file is replaced, not kept
+    (tmp_path / "chosen.json").write_text("{}")
+    args = ["plan", "--model", str(tiny_model_dir), "--workload", "prefill", "--context", "48", "--continuation",
+            "8", "--passages", "2", "--tokens", "256", "--batch", "2", "--out", str(tmp_path)]
+    assert main(args + ["--max-perplexity-increase", "100"]) == 0
     out = capsys.readouterr().out
-    assert code in (0, 1) and "plan-report.json" in out
+    assert "plan-report.json" in out
     report = json.loads((tmp_path / "plan-report.json").read_text())
     assert report["workload"] == "prefill" and report["lattice"]["kv_budget"] == [0]
-    for name in ("lossless", "balanced", "aggressive", "long-context"):
-        assert (tmp_path / f"{name}.json").is_file() and name in out
-    if code == 0:      # a plan reached the speedup: the best-quality one that did
-        assert report["chosen"]["predicted_prefill_speedup"] >= 1.01
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for name in ("lossless", "balanced", "aggressive", "long-context", "chosen"):
+        assert name in out
+        plan = PruningPlan.load(tmp_path / f"{name}.json")
+        assert plan.name == name
+        llm = LLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", plan=str(tmp_path / f"{name}.json")))
+        assert len(llm.generate([list(range(5, 20))], params)[0].outputs[0].token_ids) == 4
+    # A target no plan meets: exit code 1, and no stale chosen.json left behind.
+    assert main(args + ["--target-speedup", "1000"]) == 1
+    assert "no plan on the front meets the target" in capsys.readouterr().out
+    assert not (tmp_path / "chosen.json").exists()
 
 
 def test_trident_plan_refuses_bad_targets(tiny_model_dir, tmp_path, capsys):

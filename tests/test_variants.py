@@ -23,11 +23,14 @@ def plan_files(tiny_model_dir, tmp_path_factory):
     depth = PruningPlan.dense(config)
     depth.name = "shallow"
     depth.layers[1].keep = False
+    lossless = PruningPlan.dense(config)                # as `trident plan` writes its lossless profile
+    lossless.name = "lossless"
+    lossless.layers[3].kept_ffn_channels = list(range(48))   # (sliced here, so running it shows)
     budget = PruningPlan.dense(config)
     budget.name = "budget"
     budget.length.decode_sinks, budget.length.decode_recent, budget.length.decode_heavy = 2, 6, 4
     paths = {}
-    for plan in (width, depth, budget):
+    for plan in (width, depth, budget, lossless):
         paths[plan.name] = str(folder / f"{plan.name}.json")
         plan.save(paths[plan.name])
     return paths
@@ -134,3 +137,13 @@ def test_serve_flags_take_a_plan_list(tiny_model_dir, plan_files):
                                       "--plan", "dense"])
     with pytest.raises(ValueError, match="--plan or --plans"):
         engine_config_from_args(args)
+
+
+def test_a_served_plan_named_like_a_dynamic_profile_is_that_plan(tiny_model_dir, plan_files):
+    served = engine(tiny_model_dir, plans=(plan_files["shallow"], plan_files["lossless"]))
+    alone = engine(tiny_model_dir, plan=plan_files["lossless"])
+    want = alone.generate([PROMPTS[0]], greedy())[0].outputs[0].token_ids
+    # No speculative decoding is served: "lossless" here is the loaded plan, not speculation.
+    assert served.generate([PROMPTS[0]], greedy("lossless"))[0].outputs[0].token_ids == want
+    with pytest.raises(ValueError, match="speculative decoding is not served"):
+        served.generate([PROMPTS[0]], greedy("lossless", speculative=True))

@@ -40,7 +40,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        parts = [f"depth-{self.depth}" if self.depth else "", f"width-{self.width:.2f}" if self.width else "",
+        parts = [f"depth-{self.depth}" if self.depth else "", f"width-{self.width:g}" if self.width else "",
                  f"exit-{self.exit:g}" if self.exit is not None else "",
                  f"keep-{self.prefill_keep:g}" if self.prefill_keep < 1 else "",
                  f"kv-{self.kv_budget}" if self.kv_budget else ""]

@@ -8,8 +8,9 @@ A step's time on one device is close to linear in a few counts of its work:
 - a constant (LM head rows, sampling, scheduling).
 `features` counts them for a plan under a workload: a decode step of `batch` sequences at
 `context` tokens, or the prefill of one `context`-token prompt, with prefill dropping shrinking
-the rows of the layers after its cut and a KV budget the keys of every decode step. Early exits
-scale the rows of deep layers by the fraction of layers tokens ran in the quality run.
+the rows of the layers after its cut (and the keys decode attends there) and a KV budget the keys
+of every decode step. Early exits scale decode rows by the fraction of layers tokens ran in the
+quality run.
 
 `CostModel.fit` solves non-negative least squares over timed probe plans (the planner times a
 handful side by side with dense, engine.calibration.timing), so the search can score thousands of
@@ -37,15 +38,16 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
              layer_fraction: float = 1.0) -> list[float]:
     """FEATURES of one step of `plan`: a decode step of `batch` sequences holding `context` keys,
     or the prefill of one `context`-token prompt. `layer_fraction`: the share of the present
-    layers an average token runs (early exits; 1.0 without)."""
+    layers an average decode token runs (early exits; 1.0 without)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     d = config.head_dim
     cut = dict(plan.length.prefill_keep)
     budget = plan.length.kv_budget
     layers = linear = attention = 0.0
-    rows, keys = (float(batch), float(min(context, budget) if budget else context)) if phase == "decode" \
-        else (float(context), float(context))
+    # Decode: every sequence's row attends its kept keys; prompt rows prefill dropping kept out of
+    # deeper layers are not there. Prefill: one prompt, causal, and dropped rows leave the batch.
+    rows, keys = (float(batch), float(context)) if phase == "decode" else (float(context), float(context))
     for i, layer in enumerate(plan.layers):
         if layer.keep:
             heads = config.num_heads if layer.kept_q_heads is None else len(layer.kept_q_heads)
@@ -53,12 +55,18 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
             channels = config.intermediate_size if layer.kept_ffn_channels is None else len(layer.kept_ffn_channels)
             layers += 1
             linear += rows * _layer_linear(config, heads, kv_heads, channels)
-            # Prefill: causal, each row attends its prefix (about half the keys on average).
-            pairs = rows * keys if phase == "decode" else rows * (keys + 1) / 2
+            if phase == "decode":
+                pairs = rows * (min(keys, budget) if budget else keys)
+            else:
+                pairs = rows * (keys + 1) / 2            # each row attends its prefix, half the keys on average
             attention += 4 * d * heads * pairs
-        if phase == "prefill" and i in cut:
-            rows = keys = max(1.0, rows * cut[i])
-    return [layers, linear * layer_fraction / 1e9, attention * layer_fraction / 1e9, 1.0]
+        if i in cut:
+            keys = max(1.0, keys * cut[i])
+            if phase == "prefill":
+                rows = keys
+    # Early exits shorten decode rows only (prefill rows run every layer).
+    scale = layer_fraction if phase == "decode" else 1.0
+    return [layers, linear * scale / 1e9, attention * scale / 1e9, 1.0]
 
 
 def _nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from trident.engine.calibration.compose import AXES, Ingredients, Point, compose
@@ -43,7 +44,9 @@ from trident.engine.calibration.statistics import collect_stats, importance
 from trident.engine.calibration.timing import batch_params, lockstep_speed
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.llm import LLM
+from trident.engine.llm_engine import DTYPES
 from trident.engine.loader import load_checkpoint
+from trident.engine.pruning.length import MIN_KV_BUDGET
 from trident.engine.pruning.plan import PruningPlan
 from trident.engine.pruning.profiles import profile_dir
 
@@ -55,7 +58,6 @@ PROFILE_LIMITS = {"balanced": 1.05, "aggressive": 1.15, "long-context": 1.10}   
 LONG_CONTEXT = 4096            # tokens per sequence the long-context profile's KV memory is counted at
 SEARCH_LIMIT = 1.30            # the search stops past this perplexity ratio
 KV_BUDGET_FRACTIONS = (0.75, 0.5, 0.375, 0.25)
-EXIT_AGREEMENTS = (0.99, 0.95, 0.9)
 
 
 @dataclass
@@ -109,18 +111,21 @@ class Planner:
     """Holds the statistics, the quality cache and the cost model of one planning run."""
 
     def __init__(self, model: str, data: Path, out_dir: Path | None, settings: Settings) -> None:
-        self.model, self.settings = model, settings
-        s = settings = replace(settings, window=min(settings.window, settings.calibration_tokens))
+        self.model = model
+        s = replace(settings, window=min(settings.window, settings.calibration_tokens))
         base = EngineConfig(model=model, dtype=s.dtype, cache=CacheConfig(enable_prefix_caching=False),
                             scheduler=SchedulerConfig(max_model_len=s.window + 1, max_num_batched_tokens=s.window))
         llm = LLM(base)
         self.config = llm.engine.model_config
-        # Depth settings that leave at least one layer.
-        s = self.settings = replace(s, lattice=replace(s.lattice, depth=tuple(
-            d for d in s.lattice.depth if d < self.config.num_layers)))
+        # Depth settings that leave at least one layer; KV budgets the engine accepts.
+        s = self.settings = replace(s, lattice=replace(
+            s.lattice, depth=tuple(d for d in s.lattice.depth if d < self.config.num_layers),
+            kv_budget=tuple(b for b in s.lattice.kv_budget if b == 0 or b >= MIN_KV_BUDGET)))
         self.out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
         self.work_dir = self.out_dir / "candidates"
+        self.files: dict[Point, Path] = {}      # candidate plans written this run
         try:
+            shutil.rmtree(self.work_dir, ignore_errors=True)      # never reuse another run's candidates
             self.work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot write plans to {self.out_dir}: {e}") from e
@@ -158,17 +163,23 @@ class Planner:
     # ------------------------------------------------------------------ plans
 
     def plan_file(self, point: Point, folder: Path | None = None, name: str | None = None) -> Path:
-        """Write the plan of `point` (and its weights) into `folder` (default: the work folder)."""
-        folder = folder or self.work_dir
-        name = name or point.label
-        path = folder / f"{name}.json"
-        if path.exists():
-            return path
-        plan, tensors = compose(point, self.ingredients, name)
+        """The plan of `point` (and its weights) as a file: a candidate in the work folder, written
+        once per run, or, given `folder` and `name`, written there (replacing what was there)."""
+        if folder is None and point in self.files:
+            return self.files[point]
+        target = folder or self.work_dir
+        name = name or f"candidate-{len(self.files)}"
+        plan, tensors = compose(point, self.ingredients, name if folder else point.label)
+        path = target / f"{name}.json"
+        weights = target / f"{name}.safetensors"
         if tensors:
-            save_file(tensors, str(folder / f"{name}.safetensors"))
-            plan.weights = f"{name}.safetensors"
+            save_file(tensors, str(weights))
+            plan.weights = weights.name
+        else:
+            weights.unlink(missing_ok=True)
         plan.save(path)
+        if folder is None:
+            self.files[point] = path
         return path
 
     def plan_of(self, point: Point) -> PruningPlan:
@@ -270,12 +281,19 @@ class Planner:
     # ------------------------------------------------------------------ memory
 
     def kv_bytes(self, point: Point, context: int = LONG_CONTEXT) -> float:
-        """K/V bytes one sequence of `context` tokens holds under `point`'s plan."""
+        """K/V bytes one sequence of `context` tokens holds under `point`'s plan (a KV budget caps
+        its keys; prompt rows prefill dropping removes stay out of the layers after the cut)."""
         plan = self.dense_plan if point == Point() else self.plan_of(point)
-        keys = min(context, plan.length.kv_budget) if plan.length.kv_budget else context
-        per_token = sum(2 * len(plan.kv_heads_of(i, self.config)) * self.config.head_dim * 4
-                        for i, layer in enumerate(plan.layers) if layer.keep)
-        return per_token * keys
+        element = torch.finfo(DTYPES[self.settings.dtype]).bits // 8
+        cut = dict(plan.length.prefill_keep)
+        keys, total = float(context), 0.0
+        for i, layer in enumerate(plan.layers):
+            if layer.keep:
+                held = min(keys, plan.length.kv_budget) if plan.length.kv_budget else keys
+                total += held * 2 * len(plan.kv_heads_of(i, self.config)) * self.config.head_dim * element
+            if i in cut:
+                keys = keys * cut[i]
+        return total
 
 
 def lattice_for(workload: str, context: int, base: Lattice | None = None) -> Lattice:
@@ -285,13 +303,15 @@ def lattice_for(workload: str, context: int, base: Lattice | None = None) -> Lat
     return replace(base, kv_budget=budgets)
 
 
-def choose(front: list[Measured], target: Target, planner: Planner) -> Measured | None:
+def choose(every: list[Measured], target: Target, planner: Planner) -> Measured | None:
+    """The measured point that meets `target` (None if none does)."""
+    front = pareto(every)
     if target.max_perplexity_increase is not None:
         return best_within(front, 1 + target.max_perplexity_increase)
     if target.target_speedup is not None:
         return cheapest_reaching(front, target.target_speedup)
-    ok = [m for m in front if planner.quality(m.point).flops_fraction <= target.flops_budget]
-    return min(ok, key=lambda m: m.quality) if ok else None
+    ok = [m for m in every if planner.quality(m.point).flops_fraction <= target.flops_budget]
+    return min(ok, key=lambda m: (m.quality, -m.speedup)) if ok else None
 
 
 def probe_points(lattice: Lattice) -> list[Point]:
@@ -362,36 +382,42 @@ def run(model: str, data: Path, out_dir: Path | None, target: Target, workload: 
     if not Path(data).is_file():
         raise ValueError(f"calibration data {data} is not a file")
     planner = Planner(model, Path(data), out_dir, settings)
-    settings = planner.settings
-    phase = WORKLOADS[workload]
-    planner.fit_cost(probe_points(settings.lattice))
-    search, _ = explore(planner, phase)
-    front = pareto([planner.measure(phase)(p) for p in planner.qualities])
-    chosen = choose(front, target, planner)
-    profiles = profiles_of(planner, phase)
-    out = planner.out_dir
-    written = {name: str(planner.plan_file(point, out, name)) for name, point in profiles.items()}
-    if chosen is not None:
-        written["chosen"] = str(planner.plan_file(chosen.point, out, "chosen"))
-    # The check: the chosen plan and the profiles timed against dense.
-    to_time = list(dict.fromkeys([Point()] + list(profiles.values()) + ([chosen.point] if chosen else [])))
-    timed = dict(zip(to_time, planner.time_points(to_time)))
-    report = {
-        "model": planner.ingredients.llm.engine.model_name, "workload": workload, "phase": phase,
-        "target": asdict(target), "settings": {k: v for k, v in asdict(settings).items() if k != "lattice"},
-        "lattice": asdict(settings.lattice), "dense_perplexity": planner.dense_ppl,
-        "cost_model": planner.cost_report(),
-        "search": {"method": "greedy numerical gradient (engine/calibration/search.py)",
-                   "path": [m.point.label for m in search.path], "moves": search.moves,
-                   "measured_points": len(planner.qualities)},
-        "points": [describe(planner, p, timed) for p in planner.qualities],
-        "pareto": [m.point.label for m in front],
-        "chosen": describe(planner, chosen.point, timed) if chosen else None,
-        "profiles": {name: describe(planner, point, timed) for name, point in profiles.items()},
-        "plans": written, "out_dir": str(out),
-        "timed": {"dense_prefill_tok_s": timed[Point()][0], "dense_decode_tok_s": timed[Point()][1],
-                  "batch": settings.batch, "context": settings.context},
-    }
-    (out / "plan-report.json").write_text(json.dumps(report, indent=1))
-    planner.close()
+    try:
+        settings = planner.settings
+        phase = WORKLOADS[workload]
+        planner.fit_cost(probe_points(settings.lattice))
+        search, _ = explore(planner, phase)
+        every = [planner.measure(phase)(p) for p in planner.qualities]
+        front = pareto(every)
+        chosen = choose(every, target, planner)
+        profiles = profiles_of(planner, phase)
+        out = planner.out_dir
+        written = {name: str(planner.plan_file(point, out, name)) for name, point in profiles.items()}
+        if chosen is not None:
+            written["chosen"] = str(planner.plan_file(chosen.point, out, "chosen"))
+        else:                                   # no stale choice from an earlier run
+            for stale in (out / "chosen.json", out / "chosen.safetensors"):
+                stale.unlink(missing_ok=True)
+        # The check: the chosen plan and the profiles timed against dense.
+        to_time = list(dict.fromkeys([Point()] + list(profiles.values()) + ([chosen.point] if chosen else [])))
+        timed = dict(zip(to_time, planner.time_points(to_time)))
+        report = {
+            "model": planner.ingredients.llm.engine.model_name, "workload": workload, "phase": phase,
+            "target": asdict(target), "settings": {k: v for k, v in asdict(settings).items() if k != "lattice"},
+            "lattice": asdict(settings.lattice), "dense_perplexity": planner.dense_ppl,
+            "cost_model": planner.cost_report(),
+            "search": {"method": "greedy numerical gradient (engine/calibration/search.py)",
+                       "path": [m.point.label for m in search.path], "moves": search.moves,
+                       "measured_points": len(planner.qualities)},
+            "points": [describe(planner, p, timed) for p in planner.qualities],
+            "pareto": [m.point.label for m in front],
+            "chosen": describe(planner, chosen.point, timed) if chosen else None,
+            "profiles": {name: describe(planner, point, timed) for name, point in profiles.items()},
+            "plans": written, "out_dir": str(out),
+            "timed": {"dense_prefill_tok_s": timed[Point()][0], "dense_decode_tok_s": timed[Point()][1],
+                      "batch": settings.batch, "context": settings.context},
+        }
+        (out / "plan-report.json").write_text(json.dumps(report, indent=1))
+    finally:
+        planner.close()
     return report

@@ -82,7 +82,8 @@ def greedy_path(lattice: Lattice, measure: Callable[[Point], Measured], max_qual
             options.append((gain / loss if gain > 0 else -math.inf, axis, m))
         result.moves.append({"from": current.point.label,
                              "options": [{"axis": a, "point": m.point.label, "quality": m.quality,
-                                          "speedup": m.speedup, "score": s} for s, a, m in options]})
+                                          "speedup": m.speedup, "score": s if s > -math.inf else None}
+                                         for s, a, m in options]})
         good = [o for o in options if o[0] > -math.inf and o[2].quality <= max_quality]
         if not good:
             break

@@ -102,8 +102,13 @@ def width_plan(imp: dict, llm: LLM, fraction: float, name: str, stats: list[Laye
     check_head_unit(head_unit)
     heads = (_global_keep(head_scores, fraction, min_keep=1) if head_unit == "head"
              else _global_keep_groups(head_scores, fraction, group))
-    channels = _global_keep([l["channel_scores"] for l in layers_imp], fraction,
-                            min_keep=max(1, cfg.intermediate_size // 16))
+    channel_scores = [l["channel_scores"] for l in layers_imp]
+    for k, i in enumerate(present):
+        # A down_proj the base refit (a layer-drop repair) weighs its channels anew.
+        refit = base_tensors.get(f"model.layers.{i}.mlp.down_proj.weight")
+        if refit is not None and stats is not None:
+            channel_scores[k] = (stats[i].ffn_in.var * refit.double().pow(2).sum(0)).tolist()
+    channels = _global_keep(channel_scores, fraction, min_keep=max(1, cfg.intermediate_size // 16))
     layers = [replace(layer) for layer in base.layers]
     tensors = dict(base_tensors)
     for i, li, kept_h, kept_c in zip(present, layers_imp, heads, channels):
