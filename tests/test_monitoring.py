@@ -60,6 +60,15 @@ def test_every_series_exists_at_zero_once_bound():
     assert one_two_five(100) == (1, 2, 5, 10, 20, 50, 100)
 
 
+def test_each_served_plan_exports_its_weight_bytes():
+    metrics = ServerMetrics()
+    metrics.bind("m", max_model_len=100, num_layers=4, plan_info=PLAN,
+                 plan_weights={"balanced": 5_000_000, "aggressive": 1_200_000})
+    found = samples(metrics)
+    assert value(found, "trident:plan_weight_bytes", plan="balanced") == 5_000_000
+    assert value(found, "trident:plan_weight_bytes", plan="aggressive") == 1_200_000
+
+
 def test_dashboard_and_alerts_name_only_exported_series():
     metrics = ServerMetrics()
     metrics.bind("m", max_model_len=100, num_layers=4, plan_info=PLAN)

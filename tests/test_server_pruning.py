@@ -185,3 +185,34 @@ def test_speculative_fields_that_cannot_run_are_400(speculative_server, pruning,
     r = httpx.post(f"{speculative_server.url}/v1/completions",
                    json={"prompt": "hi", "max_tokens": 2, "pruning": pruning})
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_one_server_serves_several_plans_chosen_per_request(tiny_model_dir, tmp_path):
+    config = load_checkpoint(str(tiny_model_dir)).config
+    paths = []
+    for name, drop in (("wide", None), ("shallow", 2)):
+        plan = PruningPlan.dense(config)
+        plan.name = name
+        if drop is not None:
+            plan.layers[drop].keep = False
+        paths.append(tmp_path / f"{name}.json")
+        plan.save(paths[-1])
+    server = RemoteServer(tiny_model_dir, tmp_path / "server.log", "--plans", ",".join(map(str, paths)))
+    try:
+        def complete(pruning=None):
+            body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+            if pruning is not None:
+                body["pruning"] = pruning
+            return httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+
+        default, shallow = complete(), complete({"profile": "shallow"})
+        assert default.status_code == 200 and shallow.status_code == 200
+        # The shallow plan skips a layer: its request ran fewer layers per token than the default's.
+        assert shallow.json()["usage"]["pruning"]["layers_per_token"] < default.json()["usage"]["pruning"]["layers_per_token"]
+        refused = complete({"profile": "narrow"})
+        assert refused.status_code == 400 and "served plans: ['wide', 'shallow']" in refused.text
+        metrics = httpx.get(f"{server.url}/metrics").text
+        for name in ("wide", "shallow"):
+            assert re.search(rf'trident:plan_weight_bytes{{[^}}]*plan="{name}"[^}}]*}} [1-9]', metrics), name
+    finally:
+        server.stop()

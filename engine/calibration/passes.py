@@ -1,6 +1,6 @@
 """Calibration passes: the engine prefills text windows while forward hooks on its model collect
-statistics (engine.calibration.calibrate for width and Block Influence, engine.calibration.depth for runs
-of dropped layers)."""
+statistics (engine.calibration.statistics for width and Block Influence, engine.calibration.depth
+for runs of dropped layers)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

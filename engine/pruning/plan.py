@@ -11,8 +11,9 @@
 names, already sliced shapes) replace the pruned model's after slicing: the least-squares refit
 of o_proj / down_proj (engine.calibration.reconstruct) or what healing (engine.calibration.heal) trained.
 `model` holds the shape the plan was made for and, from `trident calibrate`, a digest of the
-checkpoint's tensors. Plans are produced by `trident calibrate` and loaded by
-`trident serve`; `PruningPlan.validate` checks one against the model before any weight is touched.
+checkpoint's tensors. Plans are produced by `trident calibrate` (one axis) and `trident plan`
+(every axis) and loaded by `trident serve`; `PruningPlan.validate` checks one against the model
+before any weight is touched.
 """
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """Where named plan profiles live, and turning `--plan` into a PruningPlan.
 
-`trident calibrate` writes `<cache>/plans/<model name>/<profile>.json`; `--plan balanced` reads it
-back. `dense` needs no calibration. Any other value is a path to a plan file.
+`trident calibrate` writes `balanced` and `aggressive` (width plans) into
+`<cache>/plans/<model name>/`; `trident plan` writes `lossless`, `balanced`, `aggressive` and
+`long-context` (plans across every axis) into the same folder, replacing calibrate's, so the last
+command run decides. `--plan balanced` reads the file back. `dense` needs no calibration. Any
+other value is a path to a plan file.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ def resolve_plan(plan: str, config: ModelConfig, model_name: str) -> PruningPlan
     if plan in PROFILES:
         path = profile_dir(model_name) / f"{plan}.json"
         if not path.exists():
-            raise PlanError(f"no {plan!r} plan for {model_name}: run `trident calibrate --model {model_name}` "
+            writer = "calibrate" if plan in ("balanced", "aggressive") else "plan --max-perplexity-increase 0.05"
+            raise PlanError(f"no {plan!r} plan for {model_name}: run `trident {writer} --model {model_name}` "
                             f"first (it writes {path})")
     elif not path.exists():
         raise PlanError(f"plan {plan!r} is neither a profile ({', '.join(PROFILES)}) nor an existing file")
