@@ -186,14 +186,17 @@ class Planner:
         return PruningPlan.load(self.plan_file(point))
 
     def engine(self, point: Point, num_seqs: int, context: int, extra: int) -> LLM:
-        """An engine for `point` without prefix caching, its KV cache sized for `num_seqs` sequences."""
+        """An engine for `point` without prefix caching, its KV cache sized for `num_seqs` sequences
+        and its step for all their prompts at once: no prompt is split into chunks (prefill dropping
+        scores each chunk by its own last queries), whatever else the step holds."""
         s = self.settings
         max_len = context + extra + 8
         return LLM(EngineConfig(model=self.model, dtype=s.dtype,
                                 plan=None if point == Point() else str(self.plan_file(point)),
                                 cache=CacheConfig(enable_prefix_caching=False,
                                                   num_blocks=num_seqs * (-(-max_len // CacheConfig.block_size) + 1)),
-                                scheduler=SchedulerConfig(max_model_len=max_len, max_num_batched_tokens=context,
+                                scheduler=SchedulerConfig(max_model_len=max_len,
+                                                          max_num_batched_tokens=num_seqs * (context + 1),
                                                           max_num_seqs=max(num_seqs, 1))))
 
     # ------------------------------------------------------------------ quality
