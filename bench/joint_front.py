@@ -10,7 +10,7 @@ for batch decode and once for prefill, sharing every quality measurement; each a
 is measured too. Per phase, the joint front is the Pareto set of every measured point, and a
 single-axis front that of its ladder. At each quality level, the fastest point of the joint
 front and of every single-axis front are then timed side by side with dense (batch decode
-tok/s and prefill tok/s of `--context`-token prompts), so the table's ratios are measured, with
+steps and the time to first token of one `--context`-token prompt), so the table's ratios are measured, with
 the prediction next to them. Writes joint_front.json, joint_front.md, joint_front.png (speed
 against perplexity ratio, decode and prefill) and kv_memory.png (KV memory per sequence at a
 4096-token context against perplexity ratio).
@@ -97,9 +97,11 @@ def markdown_table(result: dict) -> str:
     caption = (f"`{result['command']}` — {result['model']}, {s['dtype']}, {result['machine'].get('cpu', '')}. "
                f"Quality: perplexity of {s['continuation']} teacher-forced tokens after {s['context']}-token "
                f"prompts, {s['passages']} held-out WikiText-2 passages (dense {result['dense_perplexity']:.2f}). "
-               f"Speed: batch-{s['batch']} decode and prefill of {s['context']}-token prompts, timed side by side "
-               f"with dense (median of {s['rounds']} rounds); the cost model's prediction in brackets. "
-               f"{result['measured_points']} combined plans measured.")
+               f"Speed, timed side by side with dense (median over {s['rounds']} rounds of the ratio to dense in the "
+               f"same round): batch-{s['batch']} decode steps at {s['context']} tokens, and the time to first "
+               f"token of one {s['context']}-token prompt; the cost model's prediction in brackets. "
+               f"{result['measured_points']} combined plans measured; the joint front is the Pareto set of all of them, "
+               f"a single-axis front that of its own ladder.")
     rows = []
     for phase in PHASES:
         for level, entry in result["levels"][phase].items():
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     to_time += [p for by_level in level_points.values() for entry in by_level.values() for p in entry.values()]
     to_time = list(dict.fromkeys(to_time))
     print(f"timing {len(to_time)} plans side by side", file=sys.stderr)
-    timed = dict(zip(to_time, planner.time_points(to_time)))
+    timed = planner.time_points(to_time)
     result = {
         "command": "python -m trident.bench.joint_front " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": planner.ingredients.llm.engine.model_name, "machine": machine_info(),
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "levels": {phase: {str(level): {k: describe(planner, p, timed) for k, p in entry.items()}
                            for level, entry in by_level.items()} for phase, by_level in level_points.items()},
         "profiles": {name: describe(planner, p, timed) for name, p in profiles.items()},
-        "timed": {"dense_prefill_tok_s": timed[Point()][0], "dense_decode_tok_s": timed[Point()][1]},
+        "timed": {"dense_prefill_seconds": [r[0] for r in timed[Point()]],
+                  "dense_decode_step_seconds": [r[1] for r in timed[Point()]]},
     }
     planner.close()
     shutil.rmtree(planner.out_dir, ignore_errors=True)

@@ -30,7 +30,7 @@ def test_cost_model_recovers_the_weights_of_timed_steps(tiny_model_dir):
     budget = PruningPlan.dense(config)
     budget.length = replace(budget.length, decode_sinks=4, decode_recent=12, decode_heavy=16)
     plans.append(budget)
-    truth = [2e-3, 5.0, 3.0, 1e-2]
+    truth = [2e-3, 5.0, 3.0, 1e-4, 1e-2]
     samples = {phase: [(features(p, config, phase, 256, 4), sum(w * x for w, x in zip(truth, features(
         p, config, phase, 256, 4)))) for p in plans] for phase in ("decode", "prefill")}
     model = CostModel.fit(samples, 256, 4)

@@ -5,6 +5,8 @@ A step's time on one device is close to linear in a few counts of its work:
 - its projection FLOPs (rows times the layer's weights; at decode batch sizes this also tracks
   the weight bytes streamed);
 - its attention FLOPs (rows times the keys they attend, per head);
+- the rows whose key mass a KV budget scores, per layer (the mass, then the eviction choice and
+  the bookkeeping of every sequence, every decode step);
 - a constant (LM head rows, sampling, scheduling).
 `features` counts them for a plan under a workload: a decode step of `batch` sequences at
 `context` tokens, or the prefill of one `context`-token prompt, with prefill dropping shrinking
@@ -25,7 +27,7 @@ import torch
 from trident.engine.config import ModelConfig
 from trident.engine.pruning.plan import PruningPlan
 
-FEATURES = ("layers", "linear_gflop", "attention_gflop", "constant")
+FEATURES = ("layers", "linear_gflop", "attention_gflop", "scored_row_layers", "constant")
 PHASES = ("decode", "prefill")
 
 
@@ -44,7 +46,7 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
     d = config.head_dim
     cut = dict(plan.length.prefill_keep)
     budget = plan.length.kv_budget
-    layers = linear = attention = 0.0
+    layers = linear = attention = scored = 0.0
     # Decode: every sequence's row attends its kept keys; prompt rows prefill dropping kept out of
     # deeper layers are not there. Prefill: one prompt, causal, and dropped rows leave the batch.
     rows, keys = (float(batch), float(context)) if phase == "decode" else (float(context), float(context))
@@ -57,6 +59,7 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
             linear += rows * _layer_linear(config, heads, kv_heads, channels)
             if phase == "decode":
                 pairs = rows * (min(keys, budget) if budget else keys)
+                scored += rows if budget else 0.0     # a budget scores every row's keys in every layer
             else:
                 pairs = rows * (keys + 1) / 2            # each row attends its prefix, half the keys on average
             attention += 4 * d * heads * pairs
@@ -66,7 +69,7 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
                 rows = keys
     # Early exits shorten decode rows only (prefill rows run every layer).
     scale = layer_fraction if phase == "decode" else 1.0
-    return [layers, linear * scale / 1e9, attention * scale / 1e9, 1.0]
+    return [layers, linear * scale / 1e9, attention * scale / 1e9, scored, 1.0]
 
 
 def _nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import statistics
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -236,30 +237,49 @@ class Planner:
     def fit_cost(self, probes: list[Point]) -> CostModel:
         """Time `probes` (dense first) side by side and fit the cost model to their steps."""
         s = self.settings
-        measured = self.time_points(probes)
+        timed = self.time_points(probes)
         samples = {"decode": [], "prefill": []}
-        for point, (prefill_tps, decode_tps) in zip(probes, measured):
+        for point in probes:
             plan = self.dense_plan if point == Point() else self.plan_of(point)
-            samples["decode"].append((features(plan, self.config, "decode", s.context, s.batch), s.batch / decode_tps))
-            samples["prefill"].append((features(plan, self.config, "prefill", s.context, s.batch),
-                                       s.context / prefill_tps))
+            prefill_s = statistics.median(r[0] for r in timed[point])
+            decode_s = statistics.median(r[1] for r in timed[point])
+            samples["decode"].append((features(plan, self.config, "decode", s.context, s.batch), decode_s))
+            samples["prefill"].append((features(plan, self.config, "prefill", s.context, s.batch), prefill_s))
         self.cost = CostModel.fit(samples, s.context, s.batch)
-        self.timing["probes"] = [{"plan": p.label, "prefill_tok_s": a, "decode_tok_s": b}
-                                 for p, (a, b) in zip(probes, measured)]
+        self.timing["probes"] = [{"plan": p.label, "prefill_seconds": [r[0] for r in timed[p]],
+                                  "decode_step_seconds": [r[1] for r in timed[p]]} for p in probes]
         return self.cost
 
-    def time_points(self, points: list[Point]) -> list[tuple[float, float]]:
-        """Median (prefill tok/s, decode tok/s) of each point over the rounds, engines side by side."""
+    def time_points(self, points: list[Point]) -> dict[Point, list[tuple[float, float]]]:
+        """Per point, per round: (seconds to prefill one `context`-token prompt, seconds per decode
+        step of `batch` sequences). Engines run side by side: decode in lockstep, one step each in
+        turn; prefill as the time to first token of one prompt, each engine in turn, the order
+        rotating every round."""
         s = self.settings
         llms = [self.engine(p, s.batch, s.context, s.timed_steps + 8) for p in points]
+        prompt = self.speed_prompts[0]
         for llm in llms:          # warm-up: one short prompt through every code path
-            llm.generate([self.speed_prompts[0][:s.context // 4 or 1]], batch_params(2))
-        rounds = [lockstep_speed(llms, [self.speed_prompts] * len(llms), s.timed_steps, first=r, warm_up=False)
-                  for r in range(s.rounds)]
+            llm.generate([prompt[:s.context // 4 or 1]], batch_params(2))
+        rounds = []
+        for r in range(s.rounds):
+            decode = lockstep_speed(llms, [self.speed_prompts] * len(llms), s.timed_steps, first=r, warm_up=False)
+            prefill = [0.0] * len(llms)
+            for k in range(len(llms)):
+                i = (r + k) % len(llms)
+                start = time.perf_counter()
+                llms[i].generate([prompt], batch_params(0))
+                prefill[i] = time.perf_counter() - start
+            rounds.append([(prefill[i], s.batch / decode[i][1]) for i in range(len(llms))])
         del llms
         gc.collect()
-        return [(statistics.median(r[i][0] for r in rounds), statistics.median(r[i][1] for r in rounds))
-                for i in range(len(points))]
+        return {p: [r[i] for r in rounds] for i, p in enumerate(points)}
+
+    def measured(self, timed: dict[Point, list[tuple[float, float]]], point: Point) -> dict[str, float]:
+        """Measured speedups over dense: per phase, the median over rounds of dense's time over
+        this point's in the same round."""
+        dense = timed[Point()]
+        return {phase: statistics.median(d[k] / t[k] for d, t in zip(dense, timed[point]))
+                for k, phase in enumerate(("prefill", "decode"))}
 
     def predicted(self, point: Point) -> dict[str, float]:
         """Predicted speedups over dense, per phase."""
@@ -318,13 +338,19 @@ def choose(every: list[Measured], target: Target, planner: Planner) -> Measured 
 
 
 def probe_points(lattice: Lattice) -> list[Point]:
-    """Dense and a spread of plans that vary each feature of the cost model on its own."""
-    probes = [Point(), Point(width=lattice.width[-1]), Point(depth=lattice.depth[-1]),
-              Point(depth=lattice.depth[len(lattice.depth) // 2], width=lattice.width[len(lattice.width) // 2]),
-              Point(prefill_keep=lattice.prefill_keep[-1])]
-    if len(lattice.kv_budget) > 1:
-        probes.append(Point(kv_budget=lattice.kv_budget[-1]))
-    return probes
+    """Dense and plans that move the cost model's features apart: each axis at its middle and last
+    setting, and one combination."""
+    def mid(ladder):
+        return ladder[max(1, len(ladder) // 2)]
+    probes = [Point()]
+    for axis in ("width", "depth", "prefill_keep", "kv_budget"):
+        ladder = lattice.ladder(axis)
+        if len(ladder) > 1:
+            probes += [replace(Point(), **{axis: v}) for v in dict.fromkeys((ladder[1] if axis == "kv_budget"
+                                                                             else mid(ladder), ladder[-1]))]
+    if len(lattice.depth) > 1 and len(lattice.width) > 1:
+        probes.append(Point(depth=mid(lattice.depth), width=mid(lattice.width)))
+    return list(dict.fromkeys(probes))
 
 
 def explore(planner: Planner, phase: str, single_axis: bool = False) -> tuple[SearchResult, dict[str, list[Measured]]]:
@@ -358,7 +384,7 @@ def profiles_of(planner: Planner, phase: str) -> dict[str, Point]:
     return profiles
 
 
-def describe(planner: Planner, point: Point, timed: dict[Point, tuple[float, float]]) -> dict:
+def describe(planner: Planner, point: Point, timed: dict[Point, list[tuple[float, float]]]) -> dict:
     """A point's quality, predicted speedups, KV memory and, when timed, measured speedups."""
     q, pred = planner.quality(point), planner.predicted(point)
     row = {"plan": point.label, "point": asdict(point), "axes": point.axes, "perplexity": q.perplexity,
@@ -368,9 +394,9 @@ def describe(planner: Planner, point: Point, timed: dict[Point, tuple[float, flo
            "kv_bytes_long_context": planner.kv_bytes(point),
            "kv_fraction_long_context": planner.kv_bytes(point) / planner.kv_bytes(Point())}
     if point in timed and Point() in timed:
-        (prefill_tps, decode_tps), (dense_prefill, dense_decode) = timed[point], timed[Point()]
-        row["measured_decode_speedup"] = decode_tps / dense_decode
-        row["measured_prefill_speedup"] = prefill_tps / dense_prefill
+        measured = planner.measured(timed, point)
+        row["measured_decode_speedup"] = measured["decode"]
+        row["measured_prefill_speedup"] = measured["prefill"]
     return row
 
 
@@ -403,7 +429,7 @@ def run(model: str, data: Path, out_dir: Path | None, target: Target, workload: 
                 stale.unlink(missing_ok=True)
         # The check: the chosen plan and the profiles timed against dense.
         to_time = list(dict.fromkeys([Point()] + list(profiles.values()) + ([chosen.point] if chosen else [])))
-        timed = dict(zip(to_time, planner.time_points(to_time)))
+        timed = planner.time_points(to_time)
         report = {
             "model": planner.ingredients.llm.engine.model_name, "workload": workload, "phase": phase,
             "target": asdict(target), "settings": {k: v for k, v in asdict(settings).items() if k != "lattice"},
@@ -417,7 +443,8 @@ def run(model: str, data: Path, out_dir: Path | None, target: Target, workload: 
             "chosen": describe(planner, chosen.point, timed) if chosen else None,
             "profiles": {name: describe(planner, point, timed) for name, point in profiles.items()},
             "plans": written, "out_dir": str(out),
-            "timed": {"dense_prefill_tok_s": timed[Point()][0], "dense_decode_tok_s": timed[Point()][1],
+            "timed": {"dense_prefill_seconds": [r[0] for r in timed[Point()]],
+                      "dense_decode_step_seconds": [r[1] for r in timed[Point()]],
                       "batch": settings.batch, "context": settings.context},
         }
         (out / "plan-report.json").write_text(json.dumps(report, indent=1))
