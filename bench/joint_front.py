@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         levels = [float(x) for x in args.levels.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--levels must be numbers like 1.05,1.1, got {args.levels!r}")
-    require_writable(args.output_dir)
+    for name in ("joint_front.json", "joint_front.md", "joint_front.png", "kv_memory.png"):
+        require_writable(args.output_dir / name)
     data = require_data_file(args.data_dir, WIKITEXT_FILE)
     settings = Settings(context=args.context, continuation=args.continuation, passages=args.passages,
                         calibration_tokens=args.tokens, window=args.window, batch=args.batch, rounds=args.rounds, dtype=args.dtype)
