@@ -202,3 +202,30 @@ def test_trident_plan_refuses_bad_targets(tiny_model_dir, tmp_path, capsys):
     assert "--context must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", "--model", str(tiny_model_dir), "--flops-budget", "0.5", "--target-speedup", "2"])
+
+
+def test_joint_front_bench_writes_both_fronts_and_times_them(tiny_model_dir, tmp_path):
+    from trident.bench.joint_front import main
+
+    out = tmp_path / "joint"
+    out.mkdir()                    # a folder from an earlier run is fine
+    assert main(["--model", str(tiny_model_dir), "--context", "48", "--continuation", "8", "--passages", "2",
+                 "--tokens", "256", "--window", "32", "--batch", "2", "--rounds", "1", "--levels", "1.1,100",
+                 "--output-dir", str(out)]) == 0
+    result = json.loads((out / "joint_front.json").read_text())
+    for name in ("joint_front.md", "joint_front.png", "kv_memory.png"):
+        assert (out / name).stat().st_size > 0
+    rows = {r["plan"]: r for r in result["points"]}
+    for phase in ("decode", "prefill"):
+        fronts = result["fronts"][phase]
+        assert set(fronts["single_axis"]) == {"depth", "width", "exit", "prefill_keep", "kv_budget"}
+        # The joint front is drawn from every measured point, so no single-axis plan beats it.
+        joint = [rows[label] for label in fronts["joint"]]
+        for label in (l for ladder in fronts["single_axis"].values() for l in ladder):
+            single = rows[label]
+            assert not any(single["perplexity_ratio"] < j["perplexity_ratio"] and
+                           single[f"predicted_{phase}_speedup"] > j[f"predicted_{phase}_speedup"] for j in joint)
+        # Every plan the table compares at a level was timed against dense.
+        for entry in result["levels"][phase].values():
+            assert all(f"measured_{phase}_speedup" in r for r in entry.values())
+    assert "joint vs best single axis" in (out / "joint_front.md").read_text()
