@@ -75,9 +75,9 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
 def _nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Non-negative least squares by elimination: refit without any feature whose weight comes out
     negative (a handful of features, so the active set settles in a few rounds)."""
-    active = list(range(x.shape[1]))
+    active = [j for j in range(x.shape[1]) if x[:, j].abs().max() > 0]    # a feature no probe moves: weight 0
     while True:
-        sol = torch.linalg.lstsq(x[:, active], y[:, None]).solution[:, 0]
+        sol = torch.linalg.lstsq(x[:, active], y[:, None], driver="gelsd").solution[:, 0]
         if (sol >= 0).all() or len(active) == 1:
             w = torch.zeros(x.shape[1], dtype=x.dtype)
             w[active] = sol.clamp_min(0)

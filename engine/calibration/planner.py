@@ -58,6 +58,8 @@ WORKLOAD_CONTEXT = {"decode": 1024, "prefill": 1024, "long-context": 4096}      
 PROFILE_LIMITS = {"balanced": 1.05, "aggressive": 1.15, "long-context": 1.10}       # perplexity ratio to dense
 LONG_CONTEXT = 4096            # tokens per sequence the long-context profile's KV memory is counted at
 SEARCH_LIMIT = 1.30            # the search stops past this perplexity ratio
+MIN_PROFILE_GAIN = 1.03        # a profile must be predicted at least this much faster than dense, else
+#                                it is dense: the cost model leaves out small costs (an exit's probe)
 KV_BUDGET_FRACTIONS = (0.75, 0.5, 0.375, 0.25)
 
 
@@ -369,8 +371,9 @@ def explore(planner: Planner, phase: str, single_axis: bool = False) -> tuple[Se
 
 
 def profiles_of(planner: Planner, phase: str) -> dict[str, Point]:
-    """lossless (dense weights), balanced and aggressive (fastest on the front within their limits),
-    long-context (least KV memory per sequence at LONG_CONTEXT tokens within its limit)."""
+    """lossless (dense weights), balanced and aggressive (fastest on the front within their limits,
+    and at least MIN_PROFILE_GAIN faster than dense, else dense), long-context (least KV memory per
+    sequence at LONG_CONTEXT tokens within its limit)."""
     every = [planner.measure(phase)(p) for p in planner.qualities]
     front = pareto(every)
     profiles = {"lossless": Point()}
@@ -379,7 +382,7 @@ def profiles_of(planner: Planner, phase: str) -> dict[str, Point]:
             ok = [m for m in every if m.quality <= limit]
             best = min(ok, key=lambda m: (planner.kv_bytes(m.point), -m.speedup)) if ok else None
         else:
-            best = best_within(front, limit)
+            best = best_within([m for m in front if m.speedup >= MIN_PROFILE_GAIN], limit)
         profiles[name] = best.point if best else Point()
     return profiles
 
