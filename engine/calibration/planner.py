@@ -3,8 +3,9 @@
 1. Statistics of the dense model on the start of the text, as `trident calibrate` collects them
    (width moments, Block Influence, the moments of every run of dropped layers the search can
    reach, exit probes calibrated for each agreement on the exit ladder).
-2. A cost model fitted to steps timed on this device (engine.calibration.cost_model): a few probe
-   plans decode `batch` sequences and prefill `context`-token prompts side by side with dense.
+2. A cost model fitted to steps timed on this device (engine.calibration.cost_model): about ten
+   probe plans, side by side with dense, decode `batch` sequences at `context` tokens in lockstep
+   and prefill one `context`-token prompt each in turn.
 3. The joint search (engine.calibration.search): every point is a real combined plan
    (engine.calibration.compose) measured on held-out passages from the end of the text: the
    perplexity of a teacher-forced continuation after a `context`-token prompt, run through the
@@ -12,7 +13,8 @@
    decode step), and token agreement with dense given the same prefix. Speed is the cost model's.
 4. The Pareto set, the plan that meets the target, and the profiles: `lossless` (no lossy
    pruning: dense weights; served with speculative decoding it stays greedy-identical),
-   `balanced` and `aggressive` (fastest within PROFILE_LIMITS), `long-context` (the smallest KV
+   `balanced` and `aggressive` (fastest within PROFILE_LIMITS and predicted at least
+   MIN_PROFILE_GAIN faster than dense, else dense), `long-context` (the smallest KV
    memory per sequence at LONG_CONTEXT tokens within its limit). The chosen plans are then timed
    against dense, next to the cost model's prediction.
 
