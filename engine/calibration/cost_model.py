@@ -36,6 +36,18 @@ def _layer_linear(config: ModelConfig, heads: int, kv_heads: int, channels: int)
     return 2 * h * (heads * d + 2 * kv_heads * d) + 2 * heads * d * h + 6 * h * channels
 
 
+def held_keys(plan: PruningPlan, context: int) -> list[float]:
+    """Per layer, the keys a decoding sequence of `context` tokens holds there: prompt rows that
+    prefill dropping removed stay out of the layers after its cut, and a KV budget caps the rest."""
+    cut, budget = dict(plan.length.prefill_keep), plan.length.kv_budget
+    keys, held = float(context), []
+    for i in range(len(plan.layers)):
+        held.append(min(keys, budget) if budget else keys)
+        if i in cut:
+            keys = max(1.0, keys * cut[i])
+    return held
+
+
 def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, batch: int,
              layer_fraction: float = 1.0) -> list[float]:
     """FEATURES of one step of `plan`: a decode step of `batch` sequences holding `context` keys,
@@ -47,9 +59,10 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
     cut = dict(plan.length.prefill_keep)
     budget = plan.length.kv_budget
     layers = linear = attention = scored = 0.0
-    # Decode: every sequence's row attends its kept keys; prompt rows prefill dropping kept out of
-    # deeper layers are not there. Prefill: one prompt, causal, and dropped rows leave the batch.
-    rows, keys = (float(batch), float(context)) if phase == "decode" else (float(context), float(context))
+    # Decode: every sequence's row attends the keys it holds. Prefill: one prompt, causal, and the
+    # rows dropping removes leave the batch (rows and keys are the same tokens).
+    held = held_keys(plan, context) if phase == "decode" else None
+    rows = float(batch) if phase == "decode" else float(context)
     for i, layer in enumerate(plan.layers):
         if layer.keep:
             heads = config.num_heads if layer.kept_q_heads is None else len(layer.kept_q_heads)
@@ -58,15 +71,13 @@ def features(plan: PruningPlan, config: ModelConfig, phase: str, context: int, b
             layers += 1
             linear += rows * _layer_linear(config, heads, kv_heads, channels)
             if phase == "decode":
-                pairs = rows * (min(keys, budget) if budget else keys)
+                pairs = rows * held[i]
                 scored += rows if budget else 0.0     # a budget scores every row's keys in every layer
             else:
-                pairs = rows * (keys + 1) / 2            # each row attends its prefix, half the keys on average
+                pairs = rows * (rows + 1) / 2            # each row attends its prefix, half the keys on average
             attention += 4 * d * heads * pairs
-        if i in cut:
-            keys = max(1.0, keys * cut[i])
-            if phase == "prefill":
-                rows = keys
+        if phase == "prefill" and i in cut:
+            rows = max(1.0, rows * cut[i])
     # Early exits shorten decode rows only (prefill rows run every layer).
     scale = layer_fraction if phase == "decode" else 1.0
     return [layers, linear * scale / 1e9, attention * scale / 1e9, scored, 1.0]

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from trident.engine.calibration.compose import AXES, Ingredients, Point, compose
-from trident.engine.calibration.cost_model import FEATURES, CostModel, features
+from trident.engine.calibration.cost_model import FEATURES, CostModel, features, held_keys
 from trident.engine.calibration.depth import budgets_for, collect_run_moments, rank_layers, sweep_runs
 from trident.engine.calibration.evaluate import forced_continuation, split_windows
 from trident.engine.calibration.exits import calibrate_exits, default_exit_layers
@@ -129,6 +129,7 @@ class Planner:
         self.out_dir = Path(out_dir or profile_dir(llm.engine.model_name))
         self.work_dir = self.out_dir / "candidates"
         self.files: dict[Point, Path] = {}      # candidate plans written this run
+        self.plans: dict[Point, PruningPlan] = {}   # ... and read back
         try:
             shutil.rmtree(self.work_dir, ignore_errors=True)      # never reuse another run's candidates
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,12 @@ class Planner:
         return path
 
     def plan_of(self, point: Point) -> PruningPlan:
-        return PruningPlan.load(self.plan_file(point))
+        """The plan of `point` (dense: the unpruned plan), read once from its candidate file."""
+        if point == Point():
+            return self.dense_plan
+        if point not in self.plans:
+            self.plans[point] = PruningPlan.load(self.plan_file(point))
+        return self.plans[point]
 
     def engine(self, point: Point, num_seqs: int, context: int, extra: int) -> LLM:
         """An engine for `point` without prefix caching, its KV cache sized for `num_seqs` sequences
@@ -244,7 +250,7 @@ class Planner:
         timed = self.time_points(probes)
         samples = {"decode": [], "prefill": []}
         for point in probes:
-            plan = self.dense_plan if point == Point() else self.plan_of(point)
+            plan = self.plan_of(point)
             prefill_s = statistics.median(r[0] for r in timed[point])
             decode_s = statistics.median(r[1] for r in timed[point])
             samples["decode"].append((features(plan, self.config, "decode", s.context, s.batch), decode_s))
@@ -287,7 +293,7 @@ class Planner:
 
     def predicted(self, point: Point) -> dict[str, float]:
         """Predicted speedups over dense, per phase."""
-        plan = self.dense_plan if point == Point() else self.plan_of(point)
+        plan = self.plan_of(point)
         frac = self.quality(point).layer_fraction
         return {phase: self.cost.speedup(plan, self.dense_plan, self.config, phase, frac)
                 for phase in ("decode", "prefill")}
@@ -310,17 +316,10 @@ class Planner:
     def kv_bytes(self, point: Point, context: int = LONG_CONTEXT) -> float:
         """K/V bytes one sequence of `context` tokens holds under `point`'s plan (a KV budget caps
         its keys; prompt rows prefill dropping removes stay out of the layers after the cut)."""
-        plan = self.dense_plan if point == Point() else self.plan_of(point)
+        plan = self.plan_of(point)
         element = torch.finfo(DTYPES[self.settings.dtype]).bits // 8
-        cut = dict(plan.length.prefill_keep)
-        keys, total = float(context), 0.0
-        for i, layer in enumerate(plan.layers):
-            if layer.keep:
-                held = min(keys, plan.length.kv_budget) if plan.length.kv_budget else keys
-                total += held * 2 * len(plan.kv_heads_of(i, self.config)) * self.config.head_dim * element
-            if i in cut:
-                keys = keys * cut[i]
-        return total
+        return sum(keys * 2 * len(plan.kv_heads_of(i, self.config)) * self.config.head_dim * element
+                   for i, (layer, keys) in enumerate(zip(plan.layers, held_keys(plan, context))) if layer.keep)
 
 
 def lattice_for(workload: str, context: int, base: Lattice | None = None) -> Lattice:
