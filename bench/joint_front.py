@@ -28,9 +28,9 @@ from trident.bench.datasets import WIKITEXT_FILE, positive_int, require_data_fil
 from trident.bench.inprocess import model_parser
 from trident.bench.machine import machine_info
 from trident.bench.report import markdown, save_figure
+from trident.engine.calibration.candidates import LONG_CONTEXT, Planner, Settings
 from trident.engine.calibration.compose import AXES, Point
-from trident.engine.calibration.planner import (LONG_CONTEXT, Planner, Settings, describe, explore, lattice_for,
-                                                probe_points, profiles_of)
+from trident.engine.calibration.planner import describe, explore, lattice_for, probe_points, profiles_of
 from trident.engine.calibration.search import best_within, pareto
 
 PHASES = ("decode", "prefill")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from trident.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from trident.engine.calibration.depth import DEPTH_COMPENSATIONS
-from trident.engine.calibration.planner import WORKLOADS, Settings
+from trident.engine.calibration.candidates import Settings
+from trident.engine.calibration.planner import WORKLOADS
 from trident.engine.pruning.plan import HEAD_UNITS
 from trident.engine.pruning.profiles import PROFILES
 from trident.engine.calibration.reconstruct import COMPENSATIONS

@@ -89,7 +89,8 @@ def test_greedy_path_skips_combinations_the_engine_cannot_run():
 
 @pytest.fixture(scope="module")
 def planned(tiny_model_dir, tmp_path_factory):
-    from trident.engine.calibration.planner import Settings, Target, run
+    from trident.engine.calibration.candidates import Settings
+    from trident.engine.calibration.planner import Target, run
 
     out = tmp_path_factory.mktemp("plans")
     lattice = Lattice(depth=(0, 1), width=(0.0, 0.25), exit=(None, 0.9), prefill_keep=(1.0, 0.5))
@@ -136,7 +137,7 @@ def test_plan_writes_the_chosen_plan_the_profiles_and_a_report(planned, tiny_mod
 
 
 def test_a_composed_plan_prunes_every_axis_it_names(planned, tiny_model_dir):
-    from trident.engine.calibration.planner import Planner, Settings
+    from trident.engine.calibration.candidates import Planner, Settings
 
     out, report = planned
     rows = {r["plan"]: r for r in report["points"]}

@@ -12,7 +12,8 @@ calibrate   the single-axis sweeps and profiles (`trident calibrate`)
 compose     one plan from a setting on every axis
 cost_model  step time predicted from a plan's shape, fitted to timed steps
 search      the greedy numerical-gradient path and the Pareto set
-planner     `trident plan`: statistics, cost model, search, profiles, timing check
+candidates  a planning run's measurements: statistics, candidate plans, quality, timing, KV memory
+planner     `trident plan`: cost model, search, target, profiles, timing check
 The runtime side (plan format, applying a plan, per-step decisions, FLOP accounting) is
 engine.pruning.
 """
